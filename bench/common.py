@@ -1,0 +1,135 @@
+"""Shared plumbing for benchmarks: the run stamp, JSON-lines output, percentiles, progress.
+
+Rules: every record a benchmark writes carries the stamp (git commit, versions,
+device), so a figure can always be traced to the run that produced it. Figures
+are reported as ratios to a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+__all__ = ["stamp", "Recorder", "percentile", "summarize_us", "progress", "add_common_args", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("DJINN_GIT_COMMIT", "unknown")
+
+
+def stamp() -> dict[str, Any]:
+    """Who and where: git commit, library versions, device name. Computed once per run."""
+    import torch
+
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        tf_version = None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": device,
+        "host": platform.node(),
+        "time_unix": time.time(),
+    }
+
+
+@dataclass
+class Recorder:
+    """Writes one JSON object per line to `<output_dir>/<bench>.jsonl`, each with the run stamp."""
+
+    bench: str
+    output_dir: Path
+    quick: bool = False
+    _stamp: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._stamp = stamp()
+        self.run_id = f"{self.bench}-{int(self._stamp['time_unix'])}"
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / f"{self.bench}.jsonl"
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        rec = {"bench": self.bench, "run_id": self.run_id, "quick": self.quick, **fields, **self._stamp}
+        self.records.append(rec)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        return rec
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; NaN for an empty list."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize_us(samples_s: list[float]) -> dict[str, float]:
+    """p50/p99/mean in microseconds from samples in seconds."""
+    us = [x * 1e6 for x in samples_s]
+    return {
+        "n": len(us),
+        "p50_us": percentile(us, 50),
+        "p99_us": percentile(us, 99),
+        "mean_us": sum(us) / len(us) if us else float("nan"),
+    }
+
+
+def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
+    """Yield items, printing `label i/total` to stderr at most twice a second."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    last = 0.0
+    for i, item in enumerate(items, 1):
+        now = time.monotonic()
+        if now - last > 0.5 or i == total:
+            print(f"\r  {label} {i}/{total if total is not None else '?'}", end="", file=sys.stderr, flush=True)
+            last = now
+        yield item
+    print("", file=sys.stderr)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results",
+                   help="where the JSON-lines results go (default: bench/results)")
+    p.add_argument("--quick", action="store_true", help="a CPU-sized smoke run that finishes within a minute")

@@ -1,0 +1,1 @@
+"""userland/top."""
