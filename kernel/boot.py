@@ -1,0 +1,106 @@
+"""djinnd: boot, serve, shut down.
+
+Boot order, one line per subsystem:
+  config -> logging -> uvloop event loop -> kernel (device worker, VMU, boot model)
+  -> Unix socket (+ optional TCP) -> READY=1 to systemd -> serve until SIGTERM/SIGINT.
+Shutdown: stop accepting; let in-flight work finish for shutdown_timeout_s, then
+fail the rest with ESHUTDOWN; close connections; remove the socket; stop the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .config import Config, load_config
+
+__all__ = ["main", "serve", "sd_notify"]
+
+log = logging.getLogger("djinn")
+
+
+def sd_notify(message: str) -> bool:
+    """Send `message` to $NOTIFY_SOCKET (systemd Type=notify). False when not under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(message.encode())
+        except OSError as e:
+            log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), e)
+            return False
+    return True
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
+    """Run the daemon until a signal (or `kernel.stop()`); returns the exit status."""
+    from .core import Kernel
+    from .server import Connection, bind_unix_socket, parse_tcp
+
+    loop = asyncio.get_running_loop()
+    kernel = Kernel(config)
+    await kernel.start()
+    path = config.socket_path
+    try:
+        sock = bind_unix_socket(path)
+    except OSError as e:
+        log.error("cannot listen on %s: %s", path, e.strerror or e)
+        await kernel.shutdown()
+        return 1
+    path_ino = os.stat(path).st_ino
+    servers = [await loop.create_unix_server(lambda: Connection(kernel, "unix"), sock=sock)]
+    if config.tcp:
+        host, port = parse_tcp(config.tcp)
+        servers.append(await loop.create_server(lambda: Connection(kernel, "tcp"), host, port))
+        log.info("listening on tcp %s:%d (token required)", host, port)
+    stop = kernel.stop_event
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("djinnd %s ready on %s (device %s, model %s, policy %s)",
+             kernel.version, path, kernel.device_name, config.model, config.policy)
+    sd_notify("READY=1\nSTATUS=serving")
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        sd_notify("STOPPING=1")
+        for server in servers:
+            server.close()
+        await kernel.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        try:
+            if os.stat(path).st_ino == path_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ValueError as e:
+        print(f"djinnd: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    try:
+        return uvloop.run(serve(config))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""djinnd's configuration: one table of settings, read from TOML, then DJINN_* variables, then flags.
+
+Rules: every setting is a row in SETTINGS (name, type, default, help). Precedence,
+lowest to highest: built-in default < TOML file < environment variable
+`DJINN_<NAME>` < command-line flag `--<name>`. The TOML file is `--config PATH`,
+else `$DJINN_CONFIG`, else the first of `$XDG_CONFIG_HOME/djinn/djinnd.toml`
+(or `~/.config/djinn/djinnd.toml`) and `/etc/djinn/djinnd.toml` that exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "parse_size"]
+
+
+def default_socket_path(*, for_client: bool = False) -> str:
+    """Where djinnd listens, and where clients look, when nothing says otherwise.
+
+    `$DJINN_SOCKET` wins. Under systemd with `RuntimeDirectory=djinn` the unit's
+    `$RUNTIME_DIRECTORY` is used. root gets `/run/djinn/djinnd.sock`; anyone else
+    `$XDG_RUNTIME_DIR/djinn/djinnd.sock`, or `/tmp/djinn-<uid>/djinnd.sock` when
+    XDG_RUNTIME_DIR is unset. A client that finds no per-user socket falls back
+    to the system one at `/run/djinn/djinnd.sock`.
+    """
+    env = os.environ.get("DJINN_SOCKET")
+    if env:
+        return env
+    runtime_dir = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime_dir and not for_client:
+        return os.path.join(runtime_dir.split(":")[0], "djinnd.sock")
+    system = "/run/djinn/djinnd.sock"
+    if os.geteuid() == 0:
+        return system
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    user = os.path.join(xdg, "djinn", "djinnd.sock") if xdg else f"/tmp/djinn-{os.geteuid()}/djinnd.sock"
+    if for_client and not os.path.exists(user) and os.path.exists(system):
+        return system
+    return user
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(value: str | int | float) -> int | float:
+    """A size setting: an int of bytes, "512MiB"/"4GB" (binary units), or a fraction in (0, 1].
+
+    Fractions are returned as floats and resolved later against the memory free at
+    boot. Raises ValueError with the accepted forms on anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"size must be bytes, '4GiB' or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float):
+        if 0 < value <= 1:
+            return value
+        raise ValueError(f"a fractional size must be in (0, 1], got {value}")
+    text = str(value).strip().lower().replace(" ", "")
+    if not text:
+        raise ValueError("empty size")
+    try:
+        f = float(text)
+    except ValueError:
+        pass
+    else:
+        return parse_size(f if "." in text else int(f))
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"bad size {value!r}: use bytes, a unit (e.g. 512MiB, 4GB) or a fraction like 0.5")
+    return int(float(num) * _UNITS[unit])
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text or None
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return text
+
+    parse.__name__ = "|".join(options)
+    return parse
+
+
+def _nonneg_float(value: Any) -> float:
+    f = float(value)
+    if f < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return f
+
+
+def _pos_int(value: Any) -> int:
+    i = int(value)
+    if i <= 0:
+        raise ValueError(f"expected an integer > 0, got {value!r}")
+    return i
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("socket", _opt_str, None, "Unix socket path (default: see `default_socket_path`; $DJINN_SOCKET)"),
+    Setting("tcp", _opt_str, None, "also listen on TCP HOST:PORT (loopback recommended); requires tcp_token"),
+    Setting("tcp_token", _opt_str, None, "shared secret TCP clients send in hello; sessions they open belong to tcp_token_uid"),
+    Setting("tcp_token_uid", int, os.geteuid(), "uid that owns sessions opened over TCP with the token"),
+    Setting("model", str, "demo", "model to load at boot: demo, dummy:gpt2, dummy:llama-1b, dummy:llama-8b or a local HF directory"),
+    Setting("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Setting("dtype", _opt_str, None, "model dtype (float32, bfloat16, float16); default fp32 on CPU, the checkpoint's half precision on CUDA"),
+    Setting("policy", _choice("proactive", "reactive", "none"), "proactive", "memory policy"),
+    Setting("proactive_mode", _choice("eager", "lazy"), "eager", "proactive IO_WAIT: page out at once (eager) or only when memory is wanted (lazy)"),
+    Setting("idle_timeout_s", _nonneg_float, 5.0, "reactive policy: a session idle this long may be paged out under pressure"),
+    Setting("prefetch_margin_ms", _nonneg_float, 2.0, "proactive policy: start a prefetch this much earlier than the estimate says"),
+    Setting("grace_s", _nonneg_float, 30.0, "seconds a disconnected client's sessions live before they are reclaimed (0: at once)"),
+    Setting("max_tokens", _pos_int, 1024, "default context length of a new session"),
+    Setting("vmu_text", parse_size, 0.5, "Text segment size (weights): bytes, e.g. 4GiB, or a fraction of free device memory"),
+    Setting("vmu_data", parse_size, 0.3, "Data segment size (session arenas): bytes or a fraction of free device memory"),
+    Setting("vmu_stack", parse_size, 0.1, "Stack budget (per-request activations): bytes or a fraction of free device memory"),
+    Setting("vmu_host", parse_size, 0.25, "host pool size (paged-out arenas, checkpoints): bytes or a fraction of host RAM"),
+    Setting("vmu_session_arena_mb", _pos_int, 64, "default arena size of a session with no model, in MiB"),
+    Setting("shutdown_timeout_s", _nonneg_float, 10.0, "on SIGTERM, how long in-flight requests may finish before they fail with ESHUTDOWN"),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level"),
+)
+
+
+@dataclass(slots=True)
+class Config:
+    socket: str | None = None
+    tcp: str | None = None
+    tcp_token: str | None = None
+    tcp_token_uid: int = field(default_factory=os.geteuid)
+    model: str = "demo"
+    device: str = "auto"
+    dtype: str | None = None
+    policy: str = "proactive"
+    proactive_mode: str = "eager"
+    idle_timeout_s: float = 5.0
+    prefetch_margin_ms: float = 2.0
+    grace_s: float = 30.0
+    max_tokens: int = 1024
+    vmu_text: int | float = 0.5
+    vmu_data: int | float = 0.3
+    vmu_stack: int | float = 0.1
+    vmu_host: int | float = 0.25
+    vmu_session_arena_mb: int = 64
+    shutdown_timeout_s: float = 10.0
+    log_level: str = "info"
+    config_file: str | None = None
+
+    @property
+    def socket_path(self) -> str:
+        return self.socket or default_socket_path()
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out.get("tcp_token"):
+            out["tcp_token"] = "***"
+        return out
+
+
+assert {s.name for s in SETTINGS} | {"config_file"} == {f.name for f in fields(Config)}, "SETTINGS and Config disagree"
+
+
+def _config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("DJINN_CONFIG"):
+        return Path(env["DJINN_CONFIG"])
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    for candidate in (Path(xdg) / "djinn" / "djinnd.toml", Path("/etc/djinn/djinnd.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `djinnd` argument parser; --help lists every setting with its variable and default."""
+    p = argparse.ArgumentParser(
+        prog="djinnd",
+        description="Djinn tensor operating system daemon.",
+        epilog="Precedence: defaults < TOML file < DJINN_* environment < flags. "
+        "TOML keys are the setting names below with '_' (e.g. idle_timeout_s = 2.0).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="PATH", help="TOML config file ($DJINN_CONFIG)")
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-")
+        default = "auto" if s.default is None else s.default
+        if s.name == "tcp_token_uid":
+            default = "the daemon's uid"
+        p.add_argument(flag, dest=s.name, default=None, metavar=s.name.upper(),
+                       help=f"{s.help} [env DJINN_{s.name.upper()}; default {default}]")
+    return p
+
+
+def load_config(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Resolve the configuration. Raises ValueError naming the setting and its source on a bad value."""
+    env = os.environ if env is None else env
+    ns = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    path = _config_file(ns.config, env)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"config file {path}: {e}") from e
+        section = data.get("djinnd", data)
+        known = {s.name for s in SETTINGS}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown settings {unknown}; see djinnd --help")
+        values.update({k: (v, f"{path}") for k, v in section.items()})
+    for s in SETTINGS:
+        key = f"DJINN_{s.name.upper()}"
+        if key in env:
+            values[s.name] = (env[key], f"${key}")
+        flag = getattr(ns, s.name)
+        if flag is not None:
+            values[s.name] = (flag, "--" + s.name.replace("_", "-"))
+    cfg = Config(config_file=str(path) if path else None)
+    by_name = {s.name: s for s in SETTINGS}
+    for name, (raw, source) in values.items():
+        try:
+            setattr(cfg, name, by_name[name].parse(raw))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"setting {name} from {source}: {e}") from e
+    if cfg.tcp and not cfg.tcp_token:
+        raise ValueError("setting tcp needs tcp_token: TCP clients must authenticate (DJINN_TCP_TOKEN)")
+    return cfg

@@ -1,0 +1,199 @@
+"""Listeners and the per-connection protocol (the asyncio shell around the sans-IO codec).
+
+Rules:
+- Bytes go straight from the socket into the decoder's preallocated buffers
+  (`asyncio.BufferedProtocol`); replies leave through `writelines` of memoryviews.
+- `buffer_updated` only feeds the decoder and starts one task per whole frame;
+  it never waits. Too many requests in flight pause reading (backpressure).
+- A protocol error answers EPROTO (request id 0) and closes that connection
+  only. Every other connection carries on.
+- The Unix socket is 0660. An existing socket file is replaced only after a test
+  connect to it fails (no live daemon behind it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import itertools
+import logging
+import os
+import socket
+import stat as stat_mod
+import struct
+from typing import TYPE_CHECKING, Any
+
+from .codec import Decoder, ProtocolError, encode_frame
+from .dispatch import dispatch
+from .errors import EPROTO, KernelError
+from .tensors import pack, unpack
+
+if TYPE_CHECKING:
+    from .core import Kernel
+
+__all__ = ["Connection", "bind_unix_socket", "parse_tcp"]
+
+log = logging.getLogger("djinn.server")
+_conn_ids = itertools.count(1)
+MORE = 0x01
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection. Owned by the loop thread."""
+
+    def __init__(self, kernel: Kernel, kind: str) -> None:
+        self.kernel = kernel
+        self.kind = kind
+        self.id = next(_conn_ids)
+        self.uid: int | None = None
+        self.pid = 0
+        self.authed = False
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self.decoder = Decoder(kernel.limits, alloc_payload=kernel.alloc_payload)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    # -- asyncio.BufferedProtocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if self.kind == "unix" and sock is not None:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            self.pid, self.uid, _gid = struct.unpack("3i", raw)
+        self.kernel.connections.add(self)
+        log.debug("connection %d (%s) from uid=%s pid=%s", self.id, self.kind, self.uid, self.pid)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.decoder.buffer_updated(nbytes)
+            while (frame := self.decoder.next_frame()) is not None:
+                self._start(frame)
+        except ProtocolError as err:
+            self.protocol_error(err)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        self.kernel.connections.discard(self)
+        for task in list(self.tasks):
+            if getattr(task, "djinn_cancel_on_close", True):
+                task.cancel()
+        self.kernel.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- requests ------------------------------------------------------------------
+
+    def _start(self, frame: Any) -> None:
+        header = frame.header
+        rid = header.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+            raise EPROTO(f"request id must be a non-negative integer, got {rid!r}")
+        if "call" not in header:
+            raise EPROTO("a request header needs a 'call' field")
+        try:
+            args = unpack(header.get("args"), frame)
+        except KernelError as err:
+            self.reply_error(rid, err)
+            return
+        task = asyncio.get_running_loop().create_task(dispatch(self.kernel, self, rid, header["call"], args))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        if len(self.tasks) >= self.kernel.limits.max_inflight and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self._reading_paused and len(self.tasks) < self.kernel.limits.max_inflight // 2 and not self.closed:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def protocol_error(self, err: KernelError) -> None:
+        log.info("connection %d: protocol error: %s", self.id, err.message)
+        self.reply_error(0, err if err.errno == "EPROTO" else EPROTO(err.message))
+        self.close()
+
+    # -- replies -------------------------------------------------------------------
+
+    def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
+        if self.closed or self.transport is None:
+            return
+        obj, entries = pack(result)
+        self._send({"id": rid, "ok": True, "result": obj}, entries, MORE if more else 0)
+
+    def reply_error(self, rid: int, err: KernelError) -> None:
+        if self.closed or self.transport is None:
+            return
+        self._send({"id": rid, "ok": False, "error": err.to_wire()}, [], 0)
+
+    def _send(self, header: dict[str, Any], entries: Any, flags: int) -> None:
+        assert self.transport is not None
+        self.transport.writelines(encode_frame(header, entries, flags))
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+
+def _socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0660. Raises OSError(EADDRINUSE) if a live daemon holds it."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o750, exist_ok=True)
+    if os.path.lexists(path):
+        if not stat_mod.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno_mod.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+        if _socket_is_live(path):
+            raise OSError(errno_mod.EADDRINUSE, f"another djinnd is serving {path}")
+        log.warning("replacing stale socket %s (nothing answered a test connect)", path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def parse_tcp(spec: str) -> tuple[str, int]:
+    """'HOST:PORT' or ':PORT' (loopback) -> (host, port). Raises ValueError."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"tcp must be HOST:PORT, got {spec!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
