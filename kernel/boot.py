@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any, Callable
 
 from .config import Config, load_config
 
@@ -40,8 +41,12 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
-    """Run the daemon until a signal (or `kernel.stop()`); returns the exit status."""
+async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None, install_signals: bool = True) -> int:
+    """Run the daemon until a signal (or `kernel.stop()`); returns the exit status.
+
+    `on_ready(kernel)` is called once the socket listens (tests use it to reach the
+    kernel); `install_signals=False` lets a test run the daemon in a thread.
+    """
     from .core import Kernel
     from .server import Connection, bind_unix_socket, parse_tcp
 
@@ -62,13 +67,14 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
         servers.append(await loop.create_server(lambda: Connection(kernel, "tcp"), host, port))
         log.info("listening on tcp %s:%d (token required)", host, port)
     stop = kernel.stop_event
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     log.info("djinnd %s ready on %s (device %s, model %s, policy %s)",
              kernel.version, path, kernel.device_name, config.model, config.policy)
     sd_notify("READY=1\nSTATUS=serving")
-    if ready is not None:
-        ready.set()
+    if on_ready is not None:
+        on_ready(kernel)
     try:
         await stop.wait()
     finally:
@@ -77,8 +83,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
         for server in servers:
             server.close()
         await kernel.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         try:
             if os.stat(path).st_ino == path_ino:
                 os.unlink(path)

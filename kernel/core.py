@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import abi
 from .config import Config
-from .errors import EINVAL, ENOENT, ESHUTDOWN, EPERM
-from .memory import Memory
+from .errors import EINVAL, EPERM, ESHUTDOWN
+from .execute import Execute
+from .memory import Memory, rest_state
 from .models import ModelRegistry
 from .sessions import Session, SessionTable, new_id
 from .stats import SyscallStats
@@ -53,6 +54,7 @@ class Kernel:
         self.alloc_payload: Callable[[int], Any] | None = None
         self.memory = Memory(self)
         self.models = ModelRegistry(self)
+        self.execute = Execute(self)
         self._reclaim: dict[str, asyncio.TimerHandle] = {}
 
     # -- life cycle ---------------------------------------------------------------
@@ -183,9 +185,8 @@ class Kernel:
             s.busy -= 1
             s.touch()
             if s.state == "RUNNING":
-                paused = getattr(s.seq, "paused_at", None) if s.seq is not None else None
-                s.paused_at = paused
-                s.move("PAUSED" if paused is not None else "READY")
+                s.paused_at = getattr(s.seq, "paused_at", None) if s.seq is not None else None
+                s.move(rest_state(s))
 
     def owned(self, obj_uid: int, call: Call, what: str) -> None:
         if call.uid not in (0, obj_uid):
@@ -206,12 +207,7 @@ class Kernel:
             "sessions": [s.snapshot(now) for s in self.sessions],
             "syscalls": self.stats.snapshot(),
             "memory": self.memory.snapshot(),
+            "connections": len(self.connections),
             "checkpoints": self.memory.checkpoint_snapshot(),
             "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s},
         }
-
-    def get_session(self, sid: str, call: Call) -> Session:
-        try:
-            return self.sessions.get(sid, call.uid)
-        except ENOENT:
-            raise

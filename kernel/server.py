@@ -23,10 +23,10 @@ import stat as stat_mod
 import struct
 from typing import TYPE_CHECKING, Any
 
-from .codec import Decoder, ProtocolError, encode_frame
+from .codec import FLAG_MORE, Decoder, ProtocolError
 from .dispatch import dispatch
 from .errors import EPROTO, KernelError
-from .tensors import pack, unpack
+from .tensors import encode_message, unpack
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -35,7 +35,6 @@ __all__ = ["Connection", "bind_unix_socket", "parse_tcp"]
 
 log = logging.getLogger("djinn.server")
 _conn_ids = itertools.count(1)
-MORE = 0x01
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -49,6 +48,7 @@ class Connection(asyncio.BufferedProtocol):
         self.pid = 0
         self.authed = False
         self.closed = False
+        self.close_after_reply = False
         self.transport: asyncio.Transport | None = None
         self.decoder = Decoder(kernel.limits, alloc_payload=kernel.alloc_payload)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -134,17 +134,25 @@ class Connection(asyncio.BufferedProtocol):
     def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
         if self.closed or self.transport is None:
             return
-        obj, entries = pack(result)
-        self._send({"id": rid, "ok": True, "result": obj}, entries, MORE if more else 0)
+        self._send({"id": rid, "ok": True, "result": result}, FLAG_MORE if more else 0)
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         if self.closed or self.transport is None:
             return
-        self._send({"id": rid, "ok": False, "error": err.to_wire()}, [], 0)
+        self._send({"id": rid, "ok": False, "error": err.to_wire()}, 0)
+        if self.close_after_reply:
+            self.close()
 
-    def _send(self, header: dict[str, Any], entries: Any, flags: int) -> None:
+    def _send(self, header: dict[str, Any], flags: int) -> None:
         assert self.transport is not None
-        self.transport.writelines(encode_frame(header, entries, flags))
+        try:
+            parts = encode_message(header, flags=flags, limits=self.kernel.limits)
+        except KernelError as err:
+            if header.get("ok") is False:
+                raise
+            parts = encode_message({"id": header["id"], "ok": False, "error": err.to_wire()},
+                                   limits=self.kernel.limits)
+        self.transport.writelines(parts)
 
     async def drain(self) -> None:
         await self._can_write.wait()

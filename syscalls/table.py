@@ -29,10 +29,40 @@ class Syscall:
     args: tuple[Arg, ...]
     flags: frozenset[str]
     doc: str
+    reply: str
 
 
 def _row(name: str, handler: Callable[..., Any], args: tuple[Arg, ...], flags: str, doc: str) -> Syscall:
-    return Syscall(name, handler, args, frozenset(flags.split()), doc)
+    return Syscall(name, handler, args, frozenset(flags.split()), doc, _REPLIES[name])
+
+
+# What each syscall answers (CBOR map fields; `?` marks fields present only when asked for).
+_REPLIES: dict[str, str] = {
+    "hello": '{protocol, server, uid, pid, device, model, limits{max_header_nbytes, max_payload_nbytes, max_tensors, max_inflight}}',
+    "nop": '{} (empty map)',
+    "echo": '{data}: the argument, tensors returned as tensors',
+    "stat": 'the stat snapshot (see "The stat snapshot" below)',
+    "open_session": '{session, model, max_tokens, arena_nbytes}',
+    "close_session": '{closed: session id}',
+    "alloc_arena": '{arena_nbytes, used_nbytes}',
+    "free_arena": '{freed: true}',
+    "page_out": '{residency: "host", nbytes, seconds}',
+    "page_in": '{residency: "device", nbytes, seconds}',
+    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer}',
+    "unload_model": '{unloaded: name}',
+    "models": '{models: [model maps as load_model returns], default}',
+    "forward": '{position, paused_at, logits?, topk?{ids, logits}, activation?}',
+    "resume": 'as forward',
+    "generate": 'streamed: one frame per token {token, position, text?}, then a final {done: true, frames}; not streamed: {tokens: [ids], position, text?}',
+    "set_steering": '{layer, op}',
+    "clear_steering": '{cleared: layer or "all"}',
+    "checkpoint": '{checkpoint: id, nbytes}',
+    "checkpoint_status": '{checkpoint, ready, nbytes, seconds, session}',
+    "restore": '{restored: id, position, paused_at}',
+    "fork": '{session, model, max_tokens, position}',
+    "free_checkpoint": '{freed: id}',
+    "signal_phase": '{phase, actions: ["PageOut:signal", ...], prefetch_in_ms}',
+}
 
 
 _S = Arg("session", "session", doc="session id")

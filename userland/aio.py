@@ -12,10 +12,10 @@ import os
 from typing import Any, AsyncIterator
 
 from djinn.kernel import abi
-from djinn.kernel.codec import Decoder, ProtocolError, encode_frame
+from djinn.kernel.codec import Decoder, ProtocolError
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import pack, unpack
+from djinn.kernel.tensors import encode_message, unpack
 
 from .session import Result, result_from_reply
 
@@ -73,8 +73,7 @@ class AsyncKernel:
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._proto.waiters[rid] = q
-        obj, entries = pack(args)
-        self._transport.writelines(encode_frame({"id": rid, "call": name, "args": obj}, entries))
+        self._transport.writelines(encode_message({"id": rid, "call": name, "args": args}))
         return rid, q
 
     @staticmethod

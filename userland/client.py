@@ -18,10 +18,10 @@ import threading
 from typing import Any, Iterator
 
 from djinn.kernel import abi
-from djinn.kernel.codec import Decoder, encode_frame
+from djinn.kernel.codec import Decoder
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import pack, unpack
+from djinn.kernel.tensors import encode_message, unpack
 
 from .session import Checkpoint, Session
 
@@ -72,8 +72,7 @@ class Kernel:
     def submit(self, name: str, /, **args: Any) -> int:
         """Send a request without waiting; returns its id for `result(id)`."""
         rid = next(self._ids)
-        obj, entries = pack(args)
-        frames = encode_frame({"id": rid, "call": name, "args": obj}, entries)
+        frames = encode_message({"id": rid, "call": name, "args": args})
         with self._cv:
             self._inbox[rid] = collections.deque()
         with self._send_lock:

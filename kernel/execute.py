@@ -1,0 +1,138 @@
+"""Running models for sessions: forward, resume, generate, steering.
+
+Rules:
+- Arguments arrive validated by schema; here they are checked against the
+  model (vocabulary, context left, layer range) before any work is queued, so a
+  bad request changes nothing.
+- Each model call is one closure on the device worker (via Kernel.on_device);
+  generate is one worker call per token, so other sessions interleave between
+  tokens and a client that goes away stops the loop at the next token.
+- Admission: the plan's memory figure for the request is checked against the
+  Stack budget before the request runs; a request that cannot fit gets ENOMEM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from .errors import EBUSY, ECANCELED, EINVAL, ENOMEM
+
+if TYPE_CHECKING:
+    from .core import Kernel
+    from .sessions import Session
+
+__all__ = ["Execute"]
+
+
+class Execute:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+
+    def _model(self, s: Session) -> Any:
+        if s.model is None or s.seq is None:
+            raise EINVAL(f"session {s.id} has no model; open it with open_session(model=...)")
+        return self.k.models.get(s.model).model
+
+    def _ids(self, model: Any, input_ids: Any) -> Any:
+        import torch
+
+        if isinstance(input_ids, str):
+            if model.tokenizer is None:
+                raise EINVAL("input_ids: this model has no tokenizer; send token ids", details={"argument": "input_ids"})
+            input_ids = model.tokenizer.encode(input_ids)
+        if isinstance(input_ids, list):
+            input_ids = torch.tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise EINVAL(f"input_ids: a session holds one sequence; got a batch of {input_ids.shape[0]}",
+                             details={"argument": "input_ids"})
+            input_ids = input_ids[0]
+        return input_ids.to(torch.long)
+
+    def _check_pause(self, model: Any, pause_at: int | None) -> None:
+        if pause_at is not None and not 0 <= pause_at < model.n_layers:
+            raise EINVAL(f"pause_at {pause_at} is out of range: the model has layers 0..{model.n_layers - 1}",
+                         details={"argument": "pause_at"})
+
+    def _admit(self, model: Any, s: Session, n_tokens: int) -> None:
+        plan = model.plan("forward", n_tokens, s.tokens)
+        budget = self.k.memory.vmu.stack_budget_nbytes
+        if plan.peak_nbytes > budget:
+            raise ENOMEM(f"this request needs about {plan.peak_nbytes} bytes of activations, more than the Stack "
+                         f"budget of {budget} bytes; send fewer tokens at a time",
+                         details={"requested_nbytes": plan.peak_nbytes, "stack_nbytes": budget})
+
+    async def forward(self, s: Session, input_ids: Any, *, return_logits: str | int, pause_at: int | None,
+                      return_activation: str) -> dict[str, Any]:
+        model = self._model(s)
+        if s.paused_at is not None:
+            raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
+        ids = self._ids(model, input_ids)
+        self._check_pause(model, pause_at)
+        self._admit(model, s, int(ids.numel()))
+        fn = functools.partial(model.forward, s.seq, ids, pause_at=pause_at, return_logits=return_logits,
+                               return_activation=return_activation)
+        return _reply(await self.k.on_device(s, fn))
+
+    async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
+                     return_activation: str) -> dict[str, Any]:
+        model = self._model(s)
+        if s.paused_at is None:
+            raise EBUSY(f"session {s.id} is not paused; resume follows forward(pause_at=...)")
+        self._check_pause(model, pause_at)
+        if pause_at is not None and pause_at <= s.paused_at:
+            raise EINVAL(f"pause_at {pause_at} must come after the layer the session is paused at ({s.paused_at})",
+                         details={"argument": "pause_at"})
+        fn = functools.partial(model.resume, s.seq, activation, pause_at=pause_at, return_logits=return_logits,
+                               return_activation=return_activation)
+        return _reply(await self.k.on_device(s, fn))
+
+    async def generate(self, s: Session, input_ids: Any, *, max_new_tokens: int, temperature: float, top_p: float,
+                       seed: int | None, stop: list[int], peer: Any) -> AsyncIterator[dict[str, Any]]:
+        model = self._model(s)
+        if s.paused_at is not None:
+            raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
+        ids = self._ids(model, input_ids)
+        if s.tokens + int(ids.numel()) + max_new_tokens - 1 > s.max_tokens:
+            raise EINVAL(f"generate: {s.tokens} tokens in context + {int(ids.numel())} prompt + {max_new_tokens} new "
+                         f"exceeds max_tokens {s.max_tokens}", details={"argument": "max_new_tokens"})
+        self._admit(model, s, int(ids.numel()))
+        steps = await self.k.on_device(s, functools.partial(
+            model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop_ids=tuple(stop)))
+        tok = model.tokenizer
+        while True:
+            if peer.closed:
+                raise ECANCELED("generate: the client went away")
+            token = await self.k.on_device(s, next, steps, None)
+            if token is None:
+                return
+            item: dict[str, Any] = {"token": int(token), "position": s.tokens}
+            if tok is not None:
+                item["text"] = tok.decode([int(token)])
+            yield item
+
+    async def set_steering(self, s: Session, layer: int, op: str, value: Any) -> dict[str, Any]:
+        model = self._model(s)
+        if not 0 <= layer < model.n_layers:
+            raise EINVAL(f"layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}",
+                         details={"argument": "layer"})
+        await self.k.on_device(s, s.seq.set_steering, layer, op, value)
+        return {"layer": layer, "op": op}
+
+    async def clear_steering(self, s: Session, layer: int | None) -> dict[str, Any]:
+        self._model(s)
+        await self.k.on_device(s, s.seq.clear_steering, layer)
+        return {"cleared": "all" if layer is None else layer}
+
+
+def _reply(r: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"position": int(r.position), "paused_at": r.paused_at}
+    if r.logits is not None:
+        out["logits"] = r.logits
+    if r.topk_ids is not None:
+        out["topk"] = {"ids": r.topk_ids, "logits": r.topk_logits}
+    if r.activation is not None:
+        out["activation"] = r.activation
+    return out

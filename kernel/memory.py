@@ -1,0 +1,384 @@
+"""The kernel's side of memory: arenas, paging, pressure, the policy's timers, checkpoints.
+
+Rules:
+- The VMU (drivers/vmu) does the copies on the device worker; this module
+  decides when, keeps session states right, and never blocks the loop: a copy's
+  completion is awaited in a helper thread, not on the loop or the worker.
+- A session's arena moves only while its lock is held, so a request never
+  sees its arena half moved. Background moves (policy, prefetch) take the lock;
+  moves made under pressure take a victim's lock only if it is free at once.
+- Nothing is ever dropped: when neither the device nor the host pool has room
+  the request fails with ENOMEM (retryable), and every arena stays where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import EBUSY, EINVAL, ENOENT, ENOMEM, KernelError
+from .policy import PageIn, PageOut, SessionView, make_policy
+from .sessions import Session, new_id
+
+if TYPE_CHECKING:
+    from .core import Kernel
+    from .dispatch import Call
+
+__all__ = ["Memory", "Checkpoint"]
+
+log = logging.getLogger("djinn.memory")
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    id: str
+    uid: int
+    session: str
+    model: str | None
+    max_tokens: int
+    host: Any  # drivers.vmu HostCopy
+    meta: Any  # the model driver's small per-session state
+    nbytes: int
+    created_s: float = field(default_factory=time.monotonic)
+
+
+async def _wait_copy(job: Any) -> None:
+    """Await a copy job without blocking the loop (CPU jobs are already done)."""
+    if not job.query():
+        await asyncio.get_running_loop().run_in_executor(None, job.wait)
+
+
+def rest_state(s: Session) -> str:
+    """The state a session settles in when nothing runs on it and its arena is on the device."""
+    if s.paused_at is not None:
+        return "PAUSED"
+    return "IO_WAIT" if s.phase == "IO_WAIT" else "READY"
+
+
+class Memory:
+    """Owned by the loop thread; `vmu` is owned by the device worker (stat() excepted)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        cfg = kernel.config
+        self.vmu: Any = None
+        self.device: Any = None
+        settings: dict[str, Any] = {}
+        if cfg.policy in ("reactive", "proactive"):
+            settings["idle_timeout_s"] = cfg.idle_timeout_s
+        if cfg.policy == "proactive":
+            settings.update(mode=cfg.proactive_mode, margin_s=cfg.prefetch_margin_ms / 1e3)
+        self.policy = make_policy(cfg.policy, **settings)
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- boot ---------------------------------------------------------------------
+
+    async def start(self) -> str:
+        from djinn.drivers.vmu import VMU, resolve_device
+
+        cfg = self.k.config
+
+        def boot() -> tuple[Any, Any, str]:
+            device, name = resolve_device(cfg.device)
+            vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
+                                  host=cfg.vmu_host)
+            return device, vmu, name
+
+        self.device, self.vmu, name = await self.k.worker.run(boot)
+        return name
+
+    # -- arenas -------------------------------------------------------------------
+
+    async def alloc_arena(self, s: Session, nbytes: int) -> None:
+        s.arena = await self._with_room(s, nbytes, lambda: self.vmu.alloc_arena(s.id, nbytes))
+
+    async def alloc_or_grow(self, s: Session, nbytes: int) -> dict[str, Any]:
+        if s.arena is None:
+            await self.alloc_arena(s, nbytes)
+        else:
+            await self.ensure_resident(s, cause="syscall")
+            if nbytes < s.arena.nbytes:
+                raise EINVAL(f"alloc_arena: the arena already has {s.arena.nbytes} bytes; it grows, never shrinks "
+                             "(free it first)", details={"argument": "nbytes"})
+            await self._with_room(s, nbytes - s.arena.nbytes, lambda: self.vmu.grow_arena(s.arena, nbytes))
+        return {"arena_nbytes": int(s.arena.nbytes), "used_nbytes": int(s.arena.used_nbytes)}
+
+    async def _with_room(self, s: Session, nbytes: int, op: Any) -> Any:
+        """Run `op` on the worker; on ENOMEM make room by the policy and retry, else ENOMEM (retryable)."""
+        for attempt in range(3):
+            try:
+                return await self.k.worker.run(op)
+            except KernelError as err:
+                if err.errno != "ENOMEM" or attempt == 2:
+                    raise
+                await self.make_room(nbytes, exclude=s, original=err)
+        raise AssertionError("unreachable")
+
+    async def free_arena(self, s: Session, explicit: bool = False) -> None:
+        if s.arena is None:
+            if explicit:
+                raise ENOENT(f"session {s.id} has no arena")
+            return
+        if explicit and s.seq is not None:
+            raise EBUSY(f"session {s.id} holds a model's KV cache in its arena; close the session instead")
+        arena, s.arena = s.arena, None
+        await self.k.worker.run(self.vmu.free_arena, arena)
+
+    async def free_session(self, s: Session) -> None:
+        for ck_id in list(s.checkpoints):
+            ck = self.checkpoints.pop(ck_id, None)
+            if ck is not None:
+                await self.k.worker.run(self.vmu.free_host, ck.host)
+        s.checkpoints.clear()
+        await self.free_arena(s)
+
+    # -- paging -------------------------------------------------------------------
+
+    def view(self, s: Session) -> SessionView:
+        nbytes = int(s.arena.nbytes) if s.arena is not None else 0
+        return SessionView(sid=s.id, nbytes=nbytes, resident=s.resident, busy=s.busy > 0 or s.state == "RUNNING",
+                           phase=s.phase, phase_since_s=s.phase_since_s, expected_ms=s.expected_ms,
+                           last_used_s=s.last_used_s)
+
+    async def page_out(self, s: Session, cause: str) -> dict[str, Any]:
+        """Move the arena to the host pool. The caller holds s.lock."""
+        if s.arena is None:
+            raise ENOENT(f"session {s.id} has no arena to page out")
+        if not s.resident:
+            return {"residency": "host", "nbytes": 0, "seconds": 0.0}
+        job = await self.k.worker.run(self.vmu.page_out, s.arena)
+        ok = False
+        try:
+            await _wait_copy(job)
+            await self.k.worker.run(self.vmu.finish, job)
+            ok = True
+        finally:
+            self._transfer_done(s, "out", job, ok)
+        s.move("SWAPPED")
+        return {"residency": "host", "nbytes": int(job.nbytes), "seconds": float(job.seconds)}
+
+    async def page_in(self, s: Session, cause: str) -> dict[str, Any]:
+        """Bring the arena back to the device, making room if needed. The caller holds s.lock."""
+        if s.arena is None:
+            raise ENOENT(f"session {s.id} has no arena to page in")
+        if s.resident:
+            return {"residency": "device", "nbytes": 0, "seconds": 0.0}
+        job = None
+        try:
+            job = await self._with_room(s, s.arena.nbytes, lambda: self.vmu.page_in(s.arena))
+            await _wait_copy(job)
+            await self.k.worker.run(self.vmu.finish, job)
+        finally:
+            self._transfer_done(s, "in", job, job is not None)
+        s.move(rest_state(s))
+        return {"residency": "device", "nbytes": int(job.nbytes), "seconds": float(job.seconds)}
+
+    def _transfer_done(self, s: Session, direction: str, job: Any, ok: bool) -> None:
+        nbytes = int(getattr(job, "nbytes", 0) or 0)
+        seconds = float(getattr(job, "seconds", 0.0) or 0.0)
+        actions = self.policy.on_transfer_done(time.monotonic(), s.id, direction, nbytes, seconds, ok)
+        self._spawn_actions(actions)
+
+    async def ensure_resident(self, s: Session, cause: str) -> None:
+        """Before GPU work on s (its lock held): tell the policy, and page in if swapped."""
+        self.policy.on_gpu_syscall(time.monotonic(), self.view(s))
+        if s.arena is not None and not s.resident:
+            await self.page_in(s, cause)
+        self._rearm()
+
+    async def make_room(self, nbytes: int, *, exclude: Session | None, original: KernelError | None = None) -> None:
+        """Page out sessions the policy picks until `nbytes` more are free. ENOMEM (retryable) if it can't."""
+        now = time.monotonic()
+        views = [self.view(s) for s in self.k.sessions
+                 if s is not exclude and s.arena is not None and not s.lock.locked()]
+        ev = self.policy.make_room(now, nbytes, views)
+        if not ev.ok:
+            details = dict(original.details) if original is not None else {}
+            details.update(requested_nbytes=nbytes, evictable_nbytes=ev.freed_nbytes, policy=self.policy.name)
+            reason = original.message if original is not None else f"{nbytes} bytes are not free"
+            raise ENOMEM(f"{reason}; the {self.policy.name} policy could page out only {ev.freed_nbytes} bytes "
+                         "of idle sessions; retry later, close sessions, or signal IO_WAIT on idle ones",
+                         retryable=True, details=details)
+        for action in ev.victims:
+            victim = self.k.sessions._by_id.get(action.sid)
+            if victim is None or victim.lock.locked():
+                self.policy.on_transfer_done(time.monotonic(), action.sid, "out", 0, 0.0, False)
+                continue
+            async with victim.lock:
+                await self._carry_out_locked(victim, action)
+
+    # -- phases and the policy's timers ---------------------------------------------
+
+    def signal(self, s: Session, phase: str, expected_ms: float | None) -> dict[str, Any]:
+        before = self.view(s)
+        actions = self.policy.on_signal(time.monotonic(), before, phase, expected_ms)
+        s.phase, s.phase_since_s, s.expected_ms = phase, time.monotonic(), expected_ms
+        if phase == "IO_WAIT" and s.state in ("READY", "PAUSED"):
+            s.move("IO_WAIT")
+        elif phase != "IO_WAIT" and s.state == "IO_WAIT":
+            s.move(rest_state(s))
+        self._spawn_actions(actions)
+        prefetch_at = self.policy.prefetch_at(s.id)
+        return {"phase": phase, "actions": [f"{type(a).__name__}:{a.cause}" for a in actions],
+                "prefetch_in_ms": None if prefetch_at is None else max(0.0, (prefetch_at - time.monotonic()) * 1e3)}
+
+    def _spawn_actions(self, actions: list[Any]) -> None:
+        for action in actions:
+            task = asyncio.get_running_loop().create_task(self._carry_out(action))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._rearm()
+
+    async def _carry_out(self, action: PageOut | PageIn) -> None:
+        s = self.k.sessions._by_id.get(action.sid)
+        if s is None or s.state == "CLOSED":
+            self.policy.forget(action.sid)
+            return
+        async with s.lock:
+            await self._carry_out_locked(s, action)
+
+    async def _carry_out_locked(self, s: Session, action: PageOut | PageIn) -> None:
+        direction = "out" if isinstance(action, PageOut) else "in"
+        stale = s.state == "CLOSED" or s.arena is None or (
+            direction == "out" and (not s.resident or s.busy or (action.cause == "signal" and s.phase != "IO_WAIT")))
+        if direction == "in" and (s.arena is None or s.resident):
+            stale = True
+        if stale:
+            self.policy.on_transfer_done(time.monotonic(), s.id, direction, 0, 0.0, direction == "in")
+            return
+        try:
+            if direction == "out":
+                await self.page_out(s, action.cause)
+            else:
+                await self.page_in(s, action.cause)
+        except KernelError as err:
+            log.warning("%s of session %s (%s) failed: %s", direction, s.id, action.cause, err)
+
+    def start_policy_timer(self) -> None:
+        self._rearm()
+
+    def stop_policy_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _rearm(self) -> None:
+        if self.k.shutting_down:
+            return
+        deadline = self.policy.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        sessions = self.k.sessions._by_id
+        actions = self.policy.due(time.monotonic(), (self.view(s) for s in sessions.values()))
+        self._spawn_actions(actions)
+
+    # -- checkpoints --------------------------------------------------------------
+
+    async def checkpoint(self, s: Session) -> Checkpoint:
+        """Start copying the session's state to the host pool; returns before the copy is done."""
+        if s.arena is None:
+            raise ENOENT(f"session {s.id} has no state to checkpoint")
+        await self.ensure_resident(s, cause="syscall")
+        seq = s.seq
+
+        def start() -> tuple[Any, Any]:
+            return self.vmu.snapshot(s.arena), (seq.snapshot_meta() if seq is not None else None)
+
+        host, meta = await self.k.worker.run(start)
+        ck = Checkpoint(id=new_id("c"), uid=s.uid, session=s.id, model=s.model, max_tokens=s.max_tokens,
+                        host=host, meta=meta, nbytes=int(host.nbytes))
+        self.checkpoints[ck.id] = ck
+        s.checkpoints.add(ck.id)
+        return ck
+
+    def _get_checkpoint(self, call: Call, ck_id: str) -> Checkpoint:
+        ck = self.checkpoints.get(ck_id)
+        if ck is None:
+            raise ENOENT(f"no checkpoint {ck_id!r}: it was freed, its session closed, or it never existed")
+        self.k.owned(ck.uid, call, f"checkpoint {ck_id}")
+        return ck
+
+    async def checkpoint_status(self, call: Call, ck_id: str, *, wait: bool) -> dict[str, Any]:
+        ck = self._get_checkpoint(call, ck_id)
+        if wait:
+            await _wait_copy(ck.host)
+        ready = bool(ck.host.query())
+        return {"checkpoint": ck.id, "ready": ready, "nbytes": ck.nbytes,
+                "seconds": float(ck.host.seconds) if ready else None, "session": ck.session}
+
+    async def restore(self, call: Call, s: Session, ck_id: str) -> dict[str, Any]:
+        ck = self._get_checkpoint(call, ck_id)
+        if ck.model != s.model:
+            raise EINVAL(f"checkpoint {ck_id} is of model {ck.model!r}, the session runs {s.model!r}")
+        if s.arena is None or ck.nbytes > s.arena.nbytes:
+            raise EINVAL(f"checkpoint {ck_id} holds {ck.nbytes} bytes; the session's arena is too small")
+        await self.ensure_resident(s, cause="syscall")
+        await _wait_copy(ck.host)
+        seq = s.seq
+
+        def put_back() -> None:
+            self.vmu.restore(s.arena, ck.host)
+            if seq is not None:
+                seq.restore_meta(ck.meta)
+
+        await self.k.worker.run(put_back)
+        s.paused_at = getattr(seq, "paused_at", None)
+        s.move(rest_state(s))
+        return {"restored": ck.id, "position": s.tokens, "paused_at": s.paused_at}
+
+    async def fork(self, call: Call, ck_id: str) -> Session:
+        ck = self._get_checkpoint(call, ck_id)
+        child = await self.k.open_session(call, model=ck.model, max_tokens=ck.max_tokens, arena_nbytes=None,
+                                          bare=False)
+        async with child.lock:
+            try:
+                await self.restore(call, child, ck_id)
+            except BaseException:
+                await self.k.close_session(child)
+                raise
+        return child
+
+    async def free_checkpoint(self, call: Call, ck_id: str) -> None:
+        ck = self._get_checkpoint(call, ck_id)
+        del self.checkpoints[ck_id]
+        owner = self.k.sessions._by_id.get(ck.session)
+        if owner is not None:
+            owner.checkpoints.discard(ck_id)
+        await _wait_copy(ck.host)
+        await self.k.worker.run(self.vmu.free_host, ck.host)
+
+    async def free_all_checkpoints(self) -> None:
+        for ck in list(self.checkpoints.values()):
+            await _wait_copy(ck.host)
+            await self.k.worker.run(self.vmu.free_host, ck.host)
+        self.checkpoints.clear()
+
+    # -- stat ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        vmu_stat = self.vmu.stat() if self.vmu is not None else {}
+        ps = self.policy.statistics()
+        return {
+            "segments": vmu_stat.get("segments", {}),
+            "swap": {**vmu_stat.get("swap", {}), "by_cause": ps.by_cause},
+            "prefetch": {"pending": ps.prefetch_pending, "late": ps.prefetch_late, "on_time": ps.prefetch_on_time,
+                         "scheduled": ps.prefetch_scheduled, "cancelled": ps.prefetch_cancelled},
+            "transfer_estimate_bytes_per_s": {"out": ps.out_bytes_per_s, "in": ps.in_bytes_per_s},
+            "stack": vmu_stat.get("stack", {}),
+        }
+
+    def checkpoint_snapshot(self) -> list[dict[str, Any]]:
+        return [{"id": c.id, "session": c.session, "uid": c.uid, "nbytes": c.nbytes, "ready": bool(c.host.query())}
+                for c in self.checkpoints.values()]

@@ -1,0 +1,44 @@
+"""The syscall table, its handlers and docs/PROTOCOL.md agree."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from djinn.syscalls import doc
+from djinn.syscalls.table import TABLE
+
+PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+
+def test_handlers_take_exactly_the_schema_arguments():
+    for name, row in TABLE.items():
+        params = inspect.signature(row.handler).parameters
+        kw = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [p.name for p in kw] == [a.name for a in row.args], name
+        assert all(p.default is inspect.Parameter.empty for p in kw), f"{name}: defaults belong in the schema"
+        if "stream" in row.flags:
+            assert inspect.isasyncgenfunction(row.handler), name
+        else:
+            assert inspect.iscoroutinefunction(row.handler), name
+
+
+def test_session_flag_matches_a_session_argument():
+    for name, row in TABLE.items():
+        has = any(a.name == "session" for a in row.args)
+        assert has == ("session" in row.flags), name
+
+
+def test_protocol_document_matches_the_table():
+    text = PROTOCOL.read_text()
+    assert doc.render() in text, "docs/PROTOCOL.md is stale: run python -m djinn.syscalls.doc --write docs/PROTOCOL.md"
+    for name in TABLE:
+        assert f"### `{name}`" in text
+
+
+def test_every_errno_is_documented():
+    from djinn.kernel.abi import ERRNO
+
+    text = PROTOCOL.read_text()
+    for name in ERRNO:
+        assert name in text, name
