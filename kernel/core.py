@@ -124,7 +124,6 @@ class Kernel:
         elif not bare:
             await self.memory.alloc_arena(s, arena_nbytes or self.config.vmu_session_arena_mb << 20)
         self.sessions.add(s)
-        self.memory.policy_add(s)
         return s
 
     async def close_session(self, s: Session) -> None:
@@ -142,7 +141,7 @@ class Kernel:
         s.seq = None
         s.move("CLOSED")
         self.sessions.remove(s.id)
-        self.memory.policy_remove(s)
+        self.memory.policy.forget(s.id)
 
     def connection_closed(self, conn: Connection) -> None:
         """Reclaim a disconnected client's sessions after the grace period (0: at once)."""
@@ -179,8 +178,14 @@ class Kernel:
         await self.memory.ensure_resident(s, cause="syscall")
         s.move("RUNNING")
         s.busy += 1
+        vmu = self.memory.vmu
+
+        def in_stack_scope() -> T:
+            with vmu.stack_scope():
+                return fn(*args)
+
         try:
-            return await self.worker.run(fn, *args)
+            return await self.worker.run(in_stack_scope)
         finally:
             s.busy -= 1
             s.touch()

@@ -86,7 +86,7 @@ class Memory:
         def boot() -> tuple[Any, Any, str]:
             device, name = resolve_device(cfg.device)
             vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
-                                  host=cfg.vmu_host)
+                                  host=cfg.vmu_host, session_arena=cfg.vmu_session_arena_mb << 20)
             return device, vmu, name
 
         self.device, self.vmu, name = await self.k.worker.run(boot)
