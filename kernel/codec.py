@@ -1,0 +1,593 @@
+"""The wire codec: frames to bytes and bytes to frames, with no I/O and no torch.
+
+Rules: a frame is a 20-byte prefix, one CBOR map (the header), then the raw
+payload, which holds the tensors' bytes at 64-byte-aligned offsets
+(docs/PROTOCOL.md). The encoder never copies tensor bytes. The Decoder is fed
+bytes and hands out whole frames; every limit is checked before the buffer it
+bounds is allocated, and a payload is received straight into its own buffer.
+Malformed input raises ProtocolError and leaves the decoder dead. The two
+blocking socket helpers at the end are for clients; the Decoder is the only parser.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, TypeAlias
+
+import cbor2
+
+from .abi import DEFAULT_LIMITS, MAGIC, PROTOCOL_VERSION, Limits
+from .errors import E2BIG, EINVAL, EPROTO, KernelError
+
+__all__ = [
+    "ALIGN", "DTYPES", "FLAG_MORE", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES",
+    "Decoder", "Frame", "FrameTooLarge", "ProtocolError", "TensorEntry", "TensorSpec",
+    "check_header", "encode_frame", "recv_frame", "send_frame", "tensor_table",
+]
+
+Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer needs 3.12)
+Part: TypeAlias = bytes | memoryview
+TensorEntry: TypeAlias = tuple[str, str, Sequence[int], Buffer]  # (name, dtype, shape, bytes)
+
+PREFIX: Final = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, header nbytes, payload nbytes
+PREFIX_NBYTES: Final = PREFIX.size
+ALIGN: Final = 64  # every tensor segment starts at a multiple of this, counted from the payload start
+FLAG_MORE: Final = 0x01  # a streamed reply continues after this frame
+MAX_NDIM: Final = 64  # dimensions of one tensor; no model needs more
+STAGING_NBYTES: Final = 64 << 10  # what one read may take in before the frame's size is known
+
+# dtype name -> item size in bytes. The names are torch's; the list is part of the wire.
+DTYPES: Final[Mapping[str, int]] = MappingProxyType({
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+})  # fmt: skip
+
+_MAX_UINT64: Final = (1 << 64) - 1
+_MAX_INT64: Final = (1 << 63) - 1
+_ROW_KEYS: Final = frozenset(("name", "dtype", "shape", "offset", "nbytes"))
+_PADS: Final = tuple(bytes(n) for n in range(ALIGN))
+_IOV_MAX: Final = 512  # parts per sendmsg call; POSIX guarantees at least 16, Linux allows 1024
+_EMPTY: Final = memoryview(bytearray())
+
+
+class ProtocolError(EPROTO):
+    """The peer broke the wire protocol; nothing after this point of the stream can be trusted.
+
+    Raised by Decoder on any malformed input. The decoder is dead afterwards: close
+    the connection (a server may first send one error reply with id 0).
+    """
+
+
+class FrameTooLarge(ProtocolError, E2BIG):
+    """A frame's prefix or tensor table exceeds a limit; nothing was allocated for it. errno E2BIG."""
+
+    errno = "E2BIG"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One validated row of a frame's tensor table: where one tensor's bytes lie in the payload."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset, "nbytes": self.nbytes
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. `header` passed the envelope checks; `tensors` lie inside `payload`.
+
+    `payload` is a writable view of the buffer the payload was received into (from
+    the decoder's `alloc_payload`); it belongs to whoever took the frame.
+    """
+
+    flags: int
+    header: dict[str, Any]
+    payload: memoryview
+    tensors: tuple[TensorSpec, ...] = ()
+
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & FLAG_MORE)
+
+    @property
+    def id(self) -> int:
+        return self.header["id"]
+
+    def segment(self, spec: TensorSpec) -> memoryview:
+        return self.payload[spec.offset : spec.offset + spec.nbytes]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _byte_view(buf: Buffer) -> memoryview:
+    """A flat unsigned-byte view of `buf` without copying. Raises EINVAL if that is impossible."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise EINVAL(f"a tensor buffer must support the buffer protocol, got {type(buf).__name__}") from None
+    if not view.c_contiguous:
+        raise EINVAL("a tensor buffer must be C-contiguous; make it contiguous first")
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def check_header(
+    header: Any,
+    flags: int,
+    payload_nbytes: int,
+    limits: Limits = DEFAULT_LIMITS,
+    error: type[KernelError] = ProtocolError,
+    too_big: type[KernelError] = FrameTooLarge,
+) -> tuple[TensorSpec, ...]:
+    """Check a header's envelope and tensor table against its payload; return the table's rows.
+
+    Raises `error` for anything malformed and `too_big` when the table exceeds
+    `limits.max_tensors`. The decoder passes ProtocolError; the encoder EINVAL / E2BIG.
+    """
+    if type(header) is not dict:
+        raise error(f"a header must be a CBOR map, got {type(header).__name__}")
+    rid = header.get("id")
+    if type(rid) is not int or not 0 <= rid <= _MAX_UINT64:
+        raise error(f"header 'id' must be an unsigned integer below 2**64, got {rid!r}")
+    if "call" in header:
+        if "ok" in header:
+            raise error("a header carries 'call' (a request) or 'ok' (a reply), not both")
+        if type(header["call"]) is not str:
+            raise error("request 'call' must be a text string")
+        if type(header.get("args")) is not dict:
+            raise error("request 'args' must be a map (an empty map when there are none)")
+        if flags & FLAG_MORE:
+            raise error("MORE is set on a request; only replies stream")
+    elif "ok" in header:
+        ok = header["ok"]
+        if type(ok) is not bool:
+            raise error("reply 'ok' must be true or false")
+        if ok and "result" not in header:
+            raise error("a reply with ok=true must carry 'result'")
+        if not ok:
+            err = header.get("error")
+            if (
+                type(err) is not dict
+                or type(err.get("errno")) is not str
+                or type(err.get("code")) is not int
+                or type(err.get("message")) is not str
+            ):
+                raise error("a reply with ok=false must carry 'error': {errno: str, code: int, message: str}")
+            if flags & FLAG_MORE:
+                raise error("MORE is set on an error reply; an error ends its stream")
+    else:
+        raise error("a header needs 'call' (a request) or 'ok' (a reply)")
+    if "tensors" not in header:
+        return ()
+    return _check_table(header["tensors"], payload_nbytes, limits, error, too_big)
+
+
+def _check_table(
+    rows: Any, payload_nbytes: int, limits: Limits, error: type[KernelError], too_big: type[KernelError]
+) -> tuple[TensorSpec, ...]:
+    if type(rows) is not list:
+        raise error("header 'tensors' must be an array of rows")
+    if len(rows) > limits.max_tensors:
+        raise too_big(
+            f"{len(rows)} tensors in one frame, the limit is {limits.max_tensors}; split the request",
+            details={"limit": "max_tensors", "value": len(rows), "max": limits.max_tensors},
+        )
+    specs: list[TensorSpec] = []
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        if type(row) is not dict or row.keys() != _ROW_KEYS:
+            raise error(f"tensor row {i} must be a map with exactly the keys name, dtype, shape, offset, nbytes")
+        name, dtype, shape, offset, nbytes = row["name"], row["dtype"], row["shape"], row["offset"], row["nbytes"]
+        if type(name) is not str or not name:
+            raise error(f"tensor row {i}: 'name' must be a non-empty text string")
+        if name in names:
+            raise error(f"tensor name {name!r} appears twice in the table")
+        names.add(name)
+        itemsize = DTYPES.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
+            raise error(f"tensor {name!r}: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        if type(shape) is not list or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
+            raise error(f"tensor {name!r}: shape must be an array of at most {MAX_NDIM} unsigned integers, got {shape!r}")
+        if math.prod(d or 1 for d in shape) * itemsize > _MAX_INT64:
+            raise error(f"tensor {name!r}: shape {shape} is too large to address")
+        if type(offset) is not int or offset < 0 or offset % ALIGN:
+            raise error(f"tensor {name!r}: offset {offset!r} is not a multiple of {ALIGN}")
+        expected = math.prod(shape) * itemsize
+        if type(nbytes) is not int or nbytes != expected:
+            raise error(f"tensor {name!r}: nbytes {nbytes!r} != prod(shape) * itemsize = {expected}")
+        if offset + nbytes > payload_nbytes:
+            raise error(
+                f"tensor {name!r}: bytes [{offset}, {offset + nbytes}) lie outside the {payload_nbytes}-byte payload"
+            )
+        specs.append(TensorSpec(name, dtype, tuple(shape), offset, nbytes))
+    end = 0
+    for spec in sorted((s for s in specs if s.nbytes), key=lambda s: s.offset):
+        if spec.offset < end:
+            raise error(f"tensor {spec.name!r} overlaps another segment: it starts at {spec.offset}, before {end}")
+        end = spec.offset + spec.nbytes
+    return tuple(specs)
+
+
+def tensor_table(entries: Iterable[TensorEntry]) -> tuple[list[dict[str, Any]], list[memoryview]]:
+    """Lay tensors out back to back at 64-byte boundaries, in the given order.
+
+    Returns the rows for `header["tensors"]` and the byte views to pass to
+    `encode_frame` (no copies). An empty tensor takes no bytes but still gets an
+    aligned offset. Rows are checked by `encode_frame`, not here.
+    """
+    rows: list[dict[str, Any]] = []
+    views: list[memoryview] = []
+    cursor = 0
+    for name, dtype, shape, buf in entries:
+        view = _byte_view(buf)
+        offset = _align(cursor)
+        rows.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": view.nbytes})
+        views.append(view)
+        cursor = offset + view.nbytes
+    return rows, views
+
+
+def encode_frame(
+    header: Mapping[str, Any], buffers: Sequence[Buffer] = (), flags: int = 0, *, limits: Limits = DEFAULT_LIMITS
+) -> list[Part]:
+    """Encode one frame as parts for `transport.writelines` or `send_frame`.
+
+    `header["tensors"]`, if present, describes `buffers` row for row (see
+    `tensor_table`). The parts alias the buffers: they must not change until sent.
+    Raises EINVAL for a header or table the peer would reject, E2BIG over `limits`.
+    """
+    if flags & ~FLAG_MORE or flags < 0:
+        raise EINVAL(f"unknown frame flags {flags:#x}; only FLAG_MORE ({FLAG_MORE:#x}) exists")
+    rows = header.get("tensors", ())
+    try:
+        payload_nbytes = max((row["offset"] + row["nbytes"] for row in rows), default=0)
+    except (TypeError, KeyError):
+        raise EINVAL("header 'tensors' must be rows from tensor_table()") from None
+    specs = check_header(dict(header), flags, payload_nbytes, limits, EINVAL, E2BIG)
+    if payload_nbytes > limits.max_payload_nbytes:
+        raise E2BIG(
+            f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit; split the request",
+            details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
+        )
+    if len(buffers) != len(specs):
+        raise EINVAL(f"{len(buffers)} buffers for {len(specs)} tensor rows")
+    try:
+        encoded = cbor2.dumps(header)
+    except (cbor2.CBORError, TypeError, ValueError) as exc:
+        raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
+    if len(encoded) > limits.max_header_nbytes:
+        raise E2BIG(
+            f"CBOR header of {len(encoded)} bytes exceeds the {limits.max_header_nbytes}-byte limit; "
+            "send bulk data as tensors",
+            details={"limit": "max_header_nbytes", "value": len(encoded), "max": limits.max_header_nbytes},
+        )
+    parts: list[Part] = [PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), payload_nbytes) + encoded]
+    cursor = 0
+    for spec, buf in sorted(zip(specs, buffers), key=lambda pair: pair[0].offset):
+        view = _byte_view(buf)
+        if view.nbytes != spec.nbytes:
+            raise EINVAL(f"tensor {spec.name!r}: buffer holds {view.nbytes} bytes, the table says {spec.nbytes}")
+        if not spec.nbytes:
+            continue
+        if spec.offset > cursor:
+            gap = spec.offset - cursor
+            parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
+        parts.append(view)
+        cursor = spec.offset + spec.nbytes
+    if payload_nbytes > cursor:
+        gap = payload_nbytes - cursor
+        parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
+    return parts
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _reject_tag(*_: Any) -> Any:
+    raise _Rejected("CBOR tags are not allowed in a header")
+
+
+def _check_keys(obj: Mapping[Any, Any], _immutable: bool) -> Any:
+    for key in obj:
+        if type(key) is not str:
+            raise _Rejected(f"map key {key!r} is not a text string")
+    return obj
+
+
+# Every tag cbor2 6.x decodes by itself; the tag hook catches the rest.
+_BUILTIN_TAGS: Final = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799)
+_REJECT_TAGS: Final = {tag: _reject_tag for tag in _BUILTIN_TAGS}
+
+_PREFIX_PHASE, _HEADER_PHASE, _PAYLOAD_PHASE = 0, 1, 2
+
+
+def _bad_magic(seen: bytes) -> ProtocolError:
+    return ProtocolError(f"bad magic {seen!r}, expected {MAGIC!r}: the peer does not speak the Djinn protocol")
+
+
+class Decoder:
+    """Bytes in, whole frames out. Works as the core of an asyncio.BufferedProtocol.
+
+    Reads go into a small staging buffer until a frame's prefix is known; then
+    the rest of its header goes into a bytearray of exactly the header length
+    and the rest of its payload into `alloc_payload(payload_nbytes)` (default
+    `bytearray`), so a large payload is received in place. Staged bytes that
+    belong to a payload are copied into it once. Owned by one thread.
+    """
+
+    __slots__ = (
+        "_limits", "_alloc", "_staging", "_start", "_end", "_phase", "_flags", "_header_nbytes",
+        "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor",
+    )
+
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        alloc_payload: Callable[[int], Buffer] | None = None,
+        *,
+        staging_nbytes: int = STAGING_NBYTES,
+    ) -> None:
+        if staging_nbytes < PREFIX_NBYTES:
+            raise ValueError(f"staging_nbytes must be at least {PREFIX_NBYTES}")
+        self._limits = limits
+        self._alloc: Callable[[int], Buffer] = alloc_payload or bytearray
+        self._staging = memoryview(bytearray(staging_nbytes))
+        self._start = 0  # staged bytes not yet parsed are _staging[_start:_end]
+        self._end = 0
+        self._phase = _PREFIX_PHASE
+        self._flags = 0
+        self._header_nbytes = 0
+        self._payload_nbytes = 0
+        self._header: dict[str, Any] | None = None
+        self._specs: tuple[TensorSpec, ...] = ()
+        self._target: memoryview | None = None  # header or payload buffer being received in place
+        self._target_pos = 0
+        self._frames: deque[Frame] = deque()
+        self._error: KernelError | None = None
+        self._cbor = cbor2.CBORDecoder(
+            io.BytesIO(),
+            max_depth=limits.max_cbor_depth,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+            semantic_decoders=_REJECT_TAGS,
+            tag_hook=_reject_tag,
+            object_hook=_check_keys,
+        )
+
+    @property
+    def dead(self) -> bool:
+        return self._error is not None
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A non-empty writable view for the next bytes of the stream. Raises ProtocolError when dead."""
+        self._check_alive()
+        if self._target is not None:
+            return self._target[self._target_pos :]
+        return self._staging[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for `nbytes` written at the start of the last `get_buffer` view; parse what is whole.
+
+        Raises ProtocolError on malformed input. An exception from `alloc_payload`
+        propagates unchanged; in every case the decoder is dead afterwards.
+        """
+        self._check_alive()
+        room = len(self._target) - self._target_pos if self._target is not None else len(self._staging) - self._end
+        if not 0 <= nbytes <= room:
+            raise ValueError(f"buffer_updated({nbytes}) with {room} bytes of room")
+        try:
+            if self._target is None:
+                self._end += nbytes
+                self._parse_staged()
+            else:
+                self._target_pos += nbytes
+                if self._target_pos == len(self._target):
+                    self._target_done()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        except BaseException as exc:
+            self._error = ProtocolError(f"decoder stopped by {type(exc).__name__}: {exc}")
+            raise
+
+    def feed(self, data: Buffer) -> None:
+        """Take bytes (any split of the stream). Raises what `buffer_updated` raises."""
+        view = _byte_view(data)
+        pos, total = 0, len(view)
+        while pos < total:
+            buf = self.get_buffer(total - pos)
+            n = min(len(buf), total - pos)
+            buf[:n] = view[pos : pos + n]
+            self.buffer_updated(n)
+            pos += n
+
+    def feed_eof(self) -> None:
+        """The peer closed. Raises ProtocolError (and dies) if that cut a frame short."""
+        self._check_alive()
+        if self._target is not None or self._end > self._start or self._phase != _PREFIX_PHASE:
+            self._error = ProtocolError("the connection closed in the middle of a frame")
+            raise self._error
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive. Raises ProtocolError when dead."""
+        self._check_alive()
+        return self._frames.popleft() if self._frames else None
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise ProtocolError(f"the decoder is dead after an earlier error: {self._error.message}")
+
+    def _parse_staged(self) -> None:
+        buf = self._staging
+        while True:
+            avail = self._end - self._start
+            if self._phase == _PREFIX_PHASE:
+                if avail < PREFIX_NBYTES:
+                    seen = bytes(buf[self._start : self._start + min(avail, len(MAGIC))])
+                    if not MAGIC.startswith(seen):
+                        raise _bad_magic(seen)
+                    break
+                self._read_prefix(buf[self._start : self._start + PREFIX_NBYTES])
+                self._start += PREFIX_NBYTES
+            elif self._phase == _HEADER_PHASE:
+                n = self._header_nbytes
+                if avail < n:
+                    self._target = memoryview(bytearray(n))
+                    self._target[:avail] = buf[self._start : self._end]
+                    self._target_pos = avail
+                    self._start = self._end = 0
+                    return
+                self._read_header(buf[self._start : self._start + n])
+                self._start += n
+            else:
+                payload = self._new_payload()
+                take = min(avail, self._payload_nbytes)
+                payload[:take] = buf[self._start : self._start + take]
+                self._start += take
+                if take < self._payload_nbytes:
+                    self._target = payload
+                    self._target_pos = take
+                    self._start = self._end = 0
+                    return
+                self._finish(payload)
+        left = self._end - self._start
+        if self._start:
+            buf[:left] = buf[self._start : self._end]
+            self._start, self._end = 0, left
+
+    def _target_done(self) -> None:
+        target, self._target = self._target, None
+        assert target is not None
+        if self._phase == _HEADER_PHASE:
+            self._read_header(target)
+            if self._phase == _PAYLOAD_PHASE:
+                self._target = self._new_payload()
+                self._target_pos = 0
+        else:
+            self._finish(target)
+
+    def _read_prefix(self, view: memoryview) -> None:
+        magic, version, flags, reserved, header_nbytes, payload_nbytes = PREFIX.unpack(view)
+        limits = self._limits
+        if magic != MAGIC:
+            raise _bad_magic(magic)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the peer speaks protocol version {version}, this end speaks version {PROTOCOL_VERSION}",
+                details={"peer_version": version, "version": PROTOCOL_VERSION},
+            )
+        if flags & ~FLAG_MORE:
+            raise ProtocolError(f"unknown frame flags {flags:#04x}; only MORE ({FLAG_MORE:#04x}) exists")
+        if reserved:
+            raise ProtocolError(f"reserved prefix field is {reserved:#06x}, must be 0")
+        if header_nbytes == 0:
+            raise ProtocolError("header length is 0; a header is one CBOR map")
+        if header_nbytes > limits.max_header_nbytes:
+            raise FrameTooLarge(
+                f"header of {header_nbytes} bytes exceeds the {limits.max_header_nbytes}-byte limit",
+                details={"limit": "max_header_nbytes", "value": header_nbytes, "max": limits.max_header_nbytes},
+            )
+        if payload_nbytes > limits.max_payload_nbytes:
+            raise FrameTooLarge(
+                f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit",
+                details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
+            )
+        self._flags = flags
+        self._header_nbytes = header_nbytes
+        self._payload_nbytes = payload_nbytes
+        self._phase = _HEADER_PHASE
+
+    def _read_header(self, view: memoryview) -> None:
+        data = bytes(view)
+        stream = io.BytesIO(data)
+        self._cbor.fp = stream
+        try:
+            header = self._cbor.decode()
+        except Exception as exc:
+            raise ProtocolError(f"the header is not acceptable CBOR: {exc.__cause__ or exc}") from None
+        if stream.tell() != len(data):
+            raise ProtocolError(f"{len(data) - stream.tell()} bytes follow the header's CBOR map inside its declared length")
+        self._specs = check_header(header, self._flags, self._payload_nbytes, self._limits)
+        self._header = header
+        if self._payload_nbytes:
+            self._phase = _PAYLOAD_PHASE
+        else:
+            self._finish(_EMPTY)
+
+    def _new_payload(self) -> memoryview:
+        n = self._payload_nbytes
+        view = memoryview(self._alloc(n))
+        if view.readonly or not view.c_contiguous:
+            raise ValueError("alloc_payload must return a writable, C-contiguous buffer")
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if view.nbytes < n:
+            raise ValueError(f"alloc_payload({n}) returned only {view.nbytes} bytes")
+        return view[:n]
+
+    def _finish(self, payload: memoryview) -> None:
+        assert self._header is not None
+        self._frames.append(Frame(self._flags, self._header, payload, self._specs))
+        self._header = None
+        self._specs = ()
+        self._phase = _PREFIX_PHASE
+
+
+def recv_frame(sock: socket.socket, decoder: Decoder) -> Frame:
+    """Block until `decoder` holds a whole frame read from `sock`; return it.
+
+    Raises ProtocolError on malformed input or a close mid-frame, ConnectionResetError
+    on a close between frames; the socket's own timeout applies to each read.
+    """
+    while (frame := decoder.next_frame()) is None:
+        n = sock.recv_into(decoder.get_buffer())
+        if n == 0:
+            decoder.feed_eof()
+            raise ConnectionResetError("the peer closed the connection")
+        decoder.buffer_updated(n)
+    return frame
+
+
+def send_frame(sock: socket.socket, parts: Sequence[Part]) -> None:
+    """Write all of `parts` (from `encode_frame`) to a blocking socket with scatter-gather I/O."""
+    pending = deque(view for view in map(_byte_view, parts) if view.nbytes)
+    while pending:
+        batch = [pending[i] for i in range(min(len(pending), _IOV_MAX))]
+        sent = sock.sendmsg(batch)
+        while sent:
+            head = pending[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                pending.popleft()
+            else:
+                pending[0] = head[sent:]
+                sent = 0

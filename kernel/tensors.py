@@ -1,0 +1,211 @@
+"""Tensors on the wire: torch tensors to payload segments and back, copying only where unavoidable.
+
+Rules: `pack` swaps every torch.Tensor in a message for {"$tensor": name} and
+returns byte views of the tensors' memory for the codec to lay out; `unpack`
+swaps the references back for tensors that view the frame's payload (zero copy;
+they keep the payload alive). Only the codec's dtype names travel, and each one
+round-trips bit for bit. The map key "$tensor" is reserved for references.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any, Final
+
+import torch
+
+from .abi import DEFAULT_LIMITS, Limits
+from .codec import DTYPES, Frame, Part, TensorEntry, TensorSpec, encode_frame, tensor_table
+from .errors import EINVAL, EPROTO
+
+__all__ = [
+    "DTYPE_TO_TORCH",
+    "TENSOR_KEY",
+    "TORCH_TO_DTYPE",
+    "dtype_name",
+    "encode_message",
+    "pack",
+    "torch_dtype",
+    "unpack",
+]
+
+TENSOR_KEY: Final = "$tensor"
+
+# The wire's dtype names that this torch build knows; a test checks it knows them all.
+DTYPE_TO_TORCH: Final[dict[str, torch.dtype]] = {
+    name: getattr(torch, name) for name in DTYPES if isinstance(getattr(torch, name, None), torch.dtype)
+}
+TORCH_TO_DTYPE: Final[dict[torch.dtype, str]] = {dtype: name for name, dtype in DTYPE_TO_TORCH.items()}
+
+_SCALARS: Final = frozenset((str, float, bool, bytes, type(None)))
+_MIN_INT: Final = -(1 << 64)
+_MAX_INT: Final = (1 << 64) - 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype. Raises EINVAL for one the wire cannot carry."""
+    name = TORCH_TO_DTYPE.get(dtype)
+    if name is None:
+        raise EINVAL(f"dtype {dtype} cannot travel on the wire; convert to one of {', '.join(DTYPE_TO_TORCH)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a wire name. Raises EINVAL for a name this torch does not know."""
+    dtype = DTYPE_TO_TORCH.get(name)
+    if dtype is None:
+        raise EINVAL(f"dtype {name!r} is unknown to this build of torch {torch.__version__}")
+    return dtype
+
+
+def _host_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a tensor's elements in row-major order, on the host.
+
+    Zero copy for a contiguous CPU tensor; a CUDA tensor is copied to the host
+    (synchronously) and a non-contiguous one is made contiguous.
+    """
+    if tensor.layout is not torch.strided:
+        raise EINVAL(f"only dense tensors can travel, got layout {tensor.layout}")
+    if tensor.device.type == "meta":
+        raise EINVAL("a meta tensor has no data to send")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _Packer:
+    __slots__ = ("entries", "names", "max_depth")
+
+    def __init__(self, max_depth: int) -> None:
+        self.entries: list[TensorEntry] = []
+        self.names: dict[int, str] = {}  # id(tensor) -> name; the message keeps each tensor alive meanwhile
+        self.max_depth = max_depth
+
+    def walk(self, obj: Any, depth: int) -> Any:
+        kind = type(obj)
+        if kind in _SCALARS:
+            return obj
+        if kind is int:
+            if not _MIN_INT <= obj <= _MAX_INT:
+                raise EINVAL(f"integer {obj} does not fit CBOR's 64-bit range; send it as a tensor or a string")
+            return obj
+        if isinstance(obj, torch.Tensor):
+            self._deeper(depth)
+            return {TENSOR_KEY: self._add(obj)}
+        if isinstance(obj, Mapping):
+            self._deeper(depth)
+            out: dict[str, Any] = {}
+            for key, value in obj.items():
+                if type(key) is not str:
+                    raise EINVAL(f"map key {key!r} is not a string; wire maps have text keys only")
+                if key == TENSOR_KEY:
+                    raise EINVAL(f"the map key {TENSOR_KEY!r} is reserved for tensor references")
+                out[key] = self.walk(value, depth + 1)
+            return out
+        if kind is list or kind is tuple or isinstance(obj, (list, tuple)):
+            self._deeper(depth)
+            return [self.walk(item, depth + 1) for item in obj]
+        if isinstance(obj, str):
+            return str.__str__(obj)
+        if isinstance(obj, (bytes, bytearray)):
+            return bytes(obj)
+        if isinstance(obj, numbers.Integral):
+            return self.walk(int(obj), depth)
+        if isinstance(obj, numbers.Real):
+            return float(obj)
+        raise EINVAL(
+            f"a {type(obj).__name__} cannot travel on the wire; "
+            "use None, bool, int, float, str, bytes, list, dict or a tensor"
+        )
+
+    def _deeper(self, depth: int) -> None:
+        if depth > self.max_depth:
+            raise EINVAL(f"the message nests containers {depth} deep, the limit is {self.max_depth}")
+
+    def _add(self, tensor: torch.Tensor) -> str:
+        name = self.names.get(id(tensor))
+        if name is None:
+            name = f"t{len(self.entries)}"
+            self.entries.append((name, dtype_name(tensor.dtype), tuple(tensor.shape), _host_bytes(tensor)))
+            self.names[id(tensor)] = name
+        return name
+
+
+def pack(obj: Any, *, max_depth: int = DEFAULT_LIMITS.max_cbor_depth, depth: int = 1) -> tuple[Any, list[TensorEntry]]:
+    """Replace every tensor in `obj` (through dicts, lists and tuples) by {"$tensor": name}.
+
+    Returns the rewritten copy and the (name, dtype, shape, bytes) entries for
+    `codec.tensor_table`, in first-seen order; a tensor met twice is sent once.
+    The byte views alias CPU-contiguous tensors: do not change those until the
+    frame is sent. `depth` is how deep `obj` sits in the header (1: the header
+    itself). Raises EINVAL for anything the wire cannot carry.
+    """
+    packer = _Packer(max_depth)
+    return packer.walk(obj, depth), packer.entries
+
+
+def _tensor_view(frame: Frame, spec: TensorSpec) -> torch.Tensor:
+    dtype = DTYPE_TO_TORCH.get(spec.dtype)
+    if dtype is None:
+        raise EINVAL(f"tensor {spec.name!r} has dtype {spec.dtype!r}, unknown to this build of torch")
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=dtype)
+    raw = torch.frombuffer(frame.payload, dtype=torch.uint8, count=spec.nbytes, offset=spec.offset)
+    if raw.data_ptr() % spec.itemsize:
+        raw = raw.clone()  # a misaligned wide dtype can crash vectorised kernels; a fresh allocation is aligned
+    if dtype is torch.bool and int(raw.max()) > 1:
+        raise EPROTO(f"tensor {spec.name!r} is bool but holds bytes other than 0 and 1")
+    return raw.view(dtype).view(spec.shape)
+
+
+def unpack(obj: Any, frame: Frame) -> Any:
+    """Replace each {"$tensor": name} in `obj` by a tensor viewing `frame.payload`.
+
+    The tensors share the payload's memory (a copy is made only where the payload
+    buffer is misaligned for the dtype); one name always gives the same tensor
+    object. Raises EPROTO for a malformed reference or a name not in the table.
+    """
+    specs = {spec.name: spec for spec in frame.tensors}
+    made: dict[str, torch.Tensor] = {}
+
+    def walk(item: Any) -> Any:
+        kind = type(item)
+        if kind is dict:
+            if TENSOR_KEY in item:
+                name = item[TENSOR_KEY]
+                if len(item) != 1 or type(name) is not str:
+                    raise EPROTO(f"a tensor reference must be exactly {{{TENSOR_KEY!r}: name}}, got {item!r:.200}")
+                tensor = made.get(name)
+                if tensor is None:
+                    spec = specs.get(name)
+                    if spec is None:
+                        raise EPROTO(f"tensor reference {name!r:.100} names no row of the frame's tensor table")
+                    tensor = made[name] = _tensor_view(frame, spec)
+                return tensor
+            return {key: walk(value) for key, value in item.items()}
+        if kind is list:
+            return [walk(value) for value in item]
+        return item
+
+    return walk(obj)
+
+
+def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits = DEFAULT_LIMITS) -> list[Part]:
+    """Pack the tensors anywhere in `header`, build its tensor table and encode the frame.
+
+    `header` must not carry "tensors" itself. Returns `codec.encode_frame`'s parts.
+    Raises EINVAL or E2BIG (from `pack` and `encode_frame`).
+    """
+    if "tensors" in header:
+        raise EINVAL("encode_message builds 'tensors' itself; pass a header without it")
+    packed, entries = pack(header, max_depth=limits.max_cbor_depth)
+    if not entries:
+        return encode_frame(packed, (), flags, limits=limits)
+    rows, views = tensor_table(entries)
+    packed["tensors"] = rows
+    return encode_frame(packed, views, flags, limits=limits)
