@@ -23,6 +23,8 @@ __all__ = ["main", "serve", "sd_notify"]
 
 log = logging.getLogger("djinn")
 
+SWITCH_INTERVAL_S = 0.0005  # GIL hand-off bound for the loop thread (CPython's default is 5 ms)
+
 
 def sd_notify(message: str) -> bool:
     """Send `message` to $NOTIFY_SOCKET (systemd Type=notify). False when not under systemd."""
@@ -51,6 +53,9 @@ async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None
     from .server import Connection, bind_unix_socket, parse_tcp
 
     loop = asyncio.get_running_loop()
+    # The device worker runs Python between tensor ops; a short GIL switch interval
+    # bounds how long the loop thread waits for the GIL to answer a control syscall.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     kernel = Kernel(config)
     await kernel.start()
     path = config.socket_path

@@ -84,6 +84,14 @@ class Memory:
         cfg = self.k.config
 
         def boot() -> tuple[Any, Any, str]:
+            import os
+
+            import torch
+
+            # The loop must answer control syscalls within a millisecond, so model work
+            # leaves it a core: on a CPU device torch gets all cores but one by default.
+            threads = cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+            torch.set_num_threads(threads)
             device, name = resolve_device(cfg.device)
             vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
                                   host=cfg.vmu_host, session_arena=cfg.vmu_session_arena_mb << 20)
