@@ -21,7 +21,7 @@ from .errors import EINVAL, EPERM, ESHUTDOWN
 from .execute import Execute
 from .memory import Memory, rest_state
 from .models import ModelRegistry
-from .sessions import Session, SessionTable, new_id
+from .sessions import InvalidTransition, Session, SessionTable, new_id
 from .stats import SyscallStats
 from .worker import DeviceWorker
 
@@ -93,9 +93,12 @@ class Kernel:
         await self.models.unload_all()
         self.worker.close()
 
-    def quarantine(self, exc: BaseException) -> None:
-        """A broken invariant: closes the sessions whose state is inconsistent, not the daemon."""
-        log.error("invariant violation: %s", exc)
+    def quarantine(self, exc: InvalidTransition) -> None:
+        """A broken invariant ends the session it happened to, not the daemon."""
+        s = self.sessions._by_id.get(exc.session)
+        log.error("invariant violation, closing session %s: %s", exc.session, exc)
+        if s is not None and s.state != "CLOSED":
+            asyncio.get_running_loop().create_task(self._reclaim_locked(s))
 
     # -- sessions -----------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class Kernel:
 
     def connection_closed(self, conn: Connection) -> None:
         """Reclaim a disconnected client's sessions after the grace period (0: at once)."""
+        if self.shutting_down:
+            return  # shutdown() releases every session itself
         now = time.monotonic()
         loop = asyncio.get_event_loop()
         for s in self.sessions.of_connection(conn.id):
@@ -176,6 +181,8 @@ class Kernel:
     async def on_device(self, s: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the worker for session `s`: page it in first, mark it RUNNING meanwhile."""
         await self.memory.ensure_resident(s, cause="syscall")
+        if s.phase != "COMPUTE":  # a GPU syscall means the session computes again
+            s.phase, s.phase_since_s, s.expected_ms = "COMPUTE", time.monotonic(), None
         s.move("RUNNING")
         s.busy += 1
         vmu = self.memory.vmu

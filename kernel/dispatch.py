@@ -98,7 +98,6 @@ async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: An
             peer.reply_error(rid, ECANCELED(f"{name}: cancelled (the daemon is shutting down)"))
         raise
     except InvalidTransition as exc:
-        log.error("invariant broken in %s: %s", name, exc)
         kernel.quarantine(exc)
         peer.reply_error(rid, EIO(f"{name}: internal state error; the session was closed: {exc}"))
     except Exception as exc:  # noqa: BLE001 - a bug in a handler must not take the daemon down

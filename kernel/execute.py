@@ -14,7 +14,7 @@ Rules:
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .errors import EBUSY, ECANCELED, EINVAL, ENOMEM
 
@@ -55,13 +55,23 @@ class Execute:
             raise EINVAL(f"pause_at {pause_at} is out of range: the model has layers 0..{model.n_layers - 1}",
                          details={"argument": "pause_at"})
 
-    def _admit(self, model: Any, s: Session, n_tokens: int) -> None:
-        plan = model.plan("forward", n_tokens, s.tokens)
+    def _admitted(self, model: Any, s: Session, n_tokens: int, op: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn` behind admission control: the plan's memory figure must fit the Stack budget.
+
+        Runs on the worker, since a cold plan is a run on the meta device.
+        """
         budget = self.k.memory.vmu.stack_budget_nbytes
-        if plan.peak_nbytes > budget:
-            raise ENOMEM(f"this request needs about {plan.peak_nbytes} bytes of activations, more than the Stack "
-                         f"budget of {budget} bytes; send fewer tokens at a time",
-                         details={"requested_nbytes": plan.peak_nbytes, "stack_nbytes": budget})
+        past = s.tokens
+
+        def admitted() -> Any:
+            plan = model.plan(op, n_tokens, past)
+            if plan.peak_nbytes > budget:
+                raise ENOMEM(f"this request needs about {plan.peak_nbytes} bytes of activations, more than the "
+                             f"Stack budget of {budget} bytes; send fewer tokens at a time",
+                             details={"requested_nbytes": plan.peak_nbytes, "stack_nbytes": budget})
+            return fn()
+
+        return admitted
 
     async def forward(self, s: Session, input_ids: Any, *, return_logits: str | int, pause_at: int | None,
                       return_activation: str) -> dict[str, Any]:
@@ -70,10 +80,10 @@ class Execute:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, input_ids)
         self._check_pause(model, pause_at)
-        self._admit(model, s, int(ids.numel()))
         fn = functools.partial(model.forward, s.seq, ids, pause_at=pause_at, return_logits=return_logits,
                                return_activation=return_activation)
-        return _reply(await self.k.on_device(s, fn))
+        op = "forward_all" if return_logits == "all" else "forward"
+        return _reply(await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn)))
 
     async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
                      return_activation: str) -> dict[str, Any]:
@@ -97,10 +107,9 @@ class Execute:
         if s.tokens + int(ids.numel()) + max_new_tokens - 1 > s.max_tokens:
             raise EINVAL(f"generate: {s.tokens} tokens in context + {int(ids.numel())} prompt + {max_new_tokens} new "
                          f"exceeds max_tokens {s.max_tokens}", details={"argument": "max_new_tokens"})
-        self._admit(model, s, int(ids.numel()))
-        steps = await self.k.on_device(s, functools.partial(
+        steps = await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), "forward", functools.partial(
             model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            stop_ids=tuple(stop)))
+            stop_ids=tuple(stop))))
         tok = model.tokenizer
         while True:
             if peer.closed:

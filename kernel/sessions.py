@@ -34,7 +34,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 class InvalidTransition(RuntimeError):
-    """A kernel bug: a state change not in TRANSITIONS."""
+    """A kernel bug: a state change not in TRANSITIONS. `.session` is the session it happened to."""
+
+    def __init__(self, session: str, message: str) -> None:
+        super().__init__(message)
+        self.session = session
 
 
 def new_id(prefix: str) -> str:
@@ -69,7 +73,7 @@ class Session:
         if new == self.state:
             return
         if new not in TRANSITIONS[self.state]:
-            raise InvalidTransition(f"session {self.id}: {self.state} -> {new} is not allowed")
+            raise InvalidTransition(self.id, f"session {self.id}: {self.state} -> {new} is not allowed")
         self.state = new
 
     def touch(self) -> None:
