@@ -8,7 +8,10 @@ are reported as ratios to a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
+import tempfile
 import os
 import platform
 import subprocess
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-__all__ = ["stamp", "Recorder", "percentile", "summarize_us", "progress", "add_common_args", "REPO_ROOT"]
+__all__ = ["stamp", "Recorder", "percentile", "summarize_us", "progress", "add_common_args", "REPO_ROOT",
+           "spawn_server", "stop_server", "daemon"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -133,3 +137,44 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results",
                    help="where the JSON-lines results go (default: bench/results)")
     p.add_argument("--quick", action="store_true", help="a CPU-sized smoke run that finishes within a minute")
+
+
+def spawn_server(argv: list[str], path: str, timeout_s: float = 300.0) -> subprocess.Popen[str]:
+    """Start a server process and wait until its Unix socket at `path` accepts a connection."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+                return proc
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"server did not start within {timeout_s}s")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@contextlib.contextmanager
+def daemon(*flags: str) -> Iterator[str]:
+    """A djinnd process with `flags` (e.g. "--model", "dummy:gpt2") on a fresh socket; yields the socket path."""
+    path = os.path.join(tempfile.mkdtemp(prefix="djinn-bench-"), "djinnd.sock")
+    proc = spawn_server([sys.executable, "-m", "djinn.kernel.boot", "--socket", path, "--log-level", "warning",
+                         *flags], path)
+    try:
+        yield path
+    finally:
+        stop_server(proc)

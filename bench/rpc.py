@@ -15,13 +15,12 @@ import argparse
 import os
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from bench.common import REPO_ROOT, Recorder, percentile, progress
+from bench.common import Recorder, daemon, percentile, progress, spawn_server, stop_server
 
 ECHO_SERVER = r"""
 import asyncio, struct, sys, uvloop
@@ -43,44 +42,20 @@ uvloop.run(main(sys.argv[1]))
 BULK_SERVER = r"""
 import socket, sys
 path, nbytes = sys.argv[1], int(sys.argv[2])
-srv = socket.socket(socket.AF_UNIX); srv.bind(path); srv.listen(1); print("ready", flush=True)
-conn, _ = srv.accept(); buf = bytearray(nbytes); view = memoryview(buf)
+srv = socket.socket(socket.AF_UNIX); srv.bind(path); srv.listen(1)
+buf = bytearray(nbytes); view = memoryview(buf)
 while True:
-    got = 0
-    while got < nbytes:
-        n = conn.recv_into(view[got:])
-        if not n: sys.exit(0)
-        got += n
-    conn.sendall(view)
+    conn, _ = srv.accept()
+    while True:
+        got = 0
+        while got < nbytes:
+            n = conn.recv_into(view[got:])
+            if not n: break
+            got += n
+        if got < nbytes: break
+        conn.sendall(view)
+    conn.close()
 """
-
-
-def _spawn(code_or_args: list[str], path: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(path)
-                return proc
-            except OSError:
-                pass
-            finally:
-                probe.close()
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _echo_round_trips(path: str, n: int) -> list[float]:
@@ -138,25 +113,22 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, float, float, str]] = []
 
     echo_path = os.path.join(tmp, "echo.sock")
-    proc = _spawn([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
+    proc = spawn_server([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
     try:
         _echo_round_trips(echo_path, 200)
         echo = _echo_round_trips(echo_path, n)
     finally:
-        _stop(proc)
+        stop_server(proc)
 
     bulk_path = os.path.join(tmp, "bulk.sock")
-    proc = _spawn([sys.executable, "-c", BULK_SERVER, bulk_path, str(nbytes)], bulk_path)
+    proc = spawn_server([sys.executable, "-c", BULK_SERVER, bulk_path, str(nbytes)], bulk_path)
     try:
         bulk = _bulk_round_trips(bulk_path, nbytes, trials + 2)[2:]
     finally:
-        _stop(proc)
+        stop_server(proc)
 
-    djinn_path = os.path.join(tmp, "djinnd.sock")
-    proc = _spawn([sys.executable, "-m", "djinn.kernel.boot", "--socket", djinn_path, "--model", "none",
-                   "--log-level", "warning", "--vmu-data", "64MiB", "--vmu-host", "64MiB", "--vmu-text", "64MiB",
-                   "--vmu-stack", "64MiB"], djinn_path)
-    try:
+    with daemon("--model", "none", "--vmu-data", "64MiB", "--vmu-host", "64MiB", "--vmu-text", "64MiB",
+                "--vmu-stack", "64MiB") as djinn_path:
         with djinn.connect(djinn_path) as k:
             for _ in range(200):
                 k.syscall("nop")
@@ -179,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
                 back = k.syscall("echo", data=tensor)["data"]
                 tensor_rt.append(time.perf_counter() - t0)
             assert torch.equal(back, tensor), "the echoed tensor differs"
-    finally:
-        _stop(proc)
 
     echo_p50, null_p50 = percentile(echo, 50), percentile(null, 50)
     floor_bw = 2 * nbytes / percentile(bulk, 50)
