@@ -1,0 +1,287 @@
+"""LoadedModel: one model on one device, and the calls the kernel makes on it.
+
+Rules:
+- Plain synchronous code, called only on the device worker thread (never on the event loop); `stat()`
+  is the one call safe from another thread.
+- Every call checks all of its arguments before running a layer (BadArgument / Busy / NotFound), so a
+  refused call leaves the state usable and unchanged.
+- A state belongs to the model that made it. While paused it accepts only `resume` (or
+  `state.discard_pending()`); while a `generate` iterator is open it accepts nothing else.
+- Weights live in one Text range (`text_nbytes`); `unload()` frees it, after which every call raises
+  NotFound. Refcounting models across sessions is the kernel registry's job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import BadArgument, Busy, NotFound
+from .arch import make_arch
+from .cache import ArenaLayout
+from .graphs import StaticDecoder
+from .plans import CUDA_BLOCK_NBYTES, Plan, PlanCache, measure_on_meta
+from .runner import Outputs, StepResult, run_forward, run_resume
+from .sampling import make_generator, sample
+from .state import SeqState
+from .tokenizer import Tokenizer
+from .validate import check_activation, check_ids, check_outputs, check_pause, check_sampling
+from .weights import TextRange
+
+__all__ = ["LoadedModel", "Generation", "DECODE_MODES"]
+
+# "dynamic": every step through the eager layer loop; "static": static-shape steps run eagerly (any
+# device; used to test the graph path's math on CPU); "graph": static steps captured as CUDA graphs.
+DECODE_MODES = ("dynamic", "static", "graph")
+
+
+class Generation(Iterator[int]):
+    """The iterator `generate()` returns. The state is reserved for it (other calls raise Busy) until it is
+    exhausted, raises, or is closed (`close()`: the kernel's cancel); dropping it also releases the state."""
+
+    def __init__(self, state: SeqState, steps: Iterator[int]) -> None:
+        self._state, self._steps, self._open = state, steps, True
+        state.generating = True
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> int:
+        if not self._open:
+            raise StopIteration
+        try:
+            return next(self._steps)
+        except BaseException:
+            self._release()
+            raise
+
+    def close(self) -> None:
+        if self._open:
+            self._steps.close()  # type: ignore[attr-defined]
+            self._release()
+
+    def _release(self) -> None:
+        if self._open:
+            self._open = False
+            self._state.generating = False
+
+    def __del__(self) -> None:
+        self._release()
+
+
+class LoadedModel:
+    """Made by `load_model()`. Attributes are read-only facts; methods are the driver's model calls."""
+
+    def __init__(
+        self, *, spec: str, name: str, hf: nn.Module, tokenizer: Tokenizer | None, device: torch.device,
+        dtype: torch.dtype, text: TextRange, meta_factory: Any,
+    ) -> None:
+        self.spec, self.name, self.device, self.dtype, self.tokenizer = spec, name, device, dtype, tokenizer
+        self.arch = make_arch(hf)
+        a = self.arch
+        self.model_type = a.model_type
+        self.n_layers, self.hidden_size, self.vocab_size = a.n_layers, a.hidden, a.vocab_size
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.max_positions = a.max_positions
+        self.attn_implementation = a.attn_implementation
+        self.n_params = sum(p.numel() for p in hf.parameters())
+        self.layout = ArenaLayout(a.n_layers, a.n_kv_heads, a.head_dim, a.hidden, dtype)
+        self.bytes_per_token = self.layout.bytes_per_token
+        self.text_nbytes = text.nbytes
+        self.fingerprint = (
+            f"{spec}|{a.model_type}|{str(dtype).removeprefix('torch.')}|L{a.n_layers}|H{a.hidden}"
+            f"|kv{a.n_kv_heads}x{a.head_dim}|V{a.vocab_size}"
+        )
+        self._decode_mode = "graph" if device.type == "cuda" else "dynamic"
+        self._text: TextRange | None = text
+        self._meta_factory = meta_factory
+        self._meta_arch: Any = None
+        round_to = CUDA_BLOCK_NBYTES if device.type == "cuda" else 1
+        self._plans = PlanCache(
+            lambda op, n, past: measure_on_meta(self._meta(), self.layout, self.fingerprint, op, n, past, round_to),
+            self.bytes_per_token,
+            self.max_positions,
+        )
+
+    # -- facts ------------------------------------------------------------------------------------
+    def arena_nbytes(self, max_tokens: int) -> int:
+        """Bytes an arena needs to hold `max_tokens` tokens (KV of every layer + one activation slot each)."""
+        self._check_max_tokens(max_tokens)
+        return self.layout.arena_nbytes(max_tokens)
+
+    def stat(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "spec": self.spec, "model_type": self.model_type,
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "params": self.n_params, "text_nbytes": self.text_nbytes, "n_layers": self.n_layers,
+            "bytes_per_token": self.bytes_per_token, "loaded": self._text is not None,
+            "plans": self._plans.stat(),
+        }
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.spec!r}, {self.model_type}, {self.n_params} params, {self.dtype}, {self.device})"
+
+    @property
+    def decode_mode(self) -> str:
+        """How single-token steps run (DECODE_MODES); "graph" by default on CUDA, "dynamic" on the CPU."""
+        return self._decode_mode
+
+    @decode_mode.setter
+    def decode_mode(self, mode: str) -> None:
+        if mode not in DECODE_MODES:
+            raise BadArgument(f"decode_mode must be one of {DECODE_MODES}, got {mode!r}")
+        if mode == "graph" and self.device.type != "cuda":
+            raise BadArgument("decode_mode 'graph' needs a CUDA device")
+        self._decode_mode = mode
+
+    # -- states -----------------------------------------------------------------------------------
+    def new_state(self, arena: Any, max_tokens: int) -> SeqState:
+        """A fresh sequence whose KV cache and activation slots are views into `arena`."""
+        self._alive()
+        self._check_max_tokens(max_tokens)
+        need = self.layout.arena_nbytes(max_tokens)
+        if int(arena.nbytes) < need:
+            raise BadArgument(f"arena has {arena.nbytes} bytes; {max_tokens} tokens need {need} (arena_nbytes())")
+        return SeqState(self, self.fingerprint, self.layout, arena, max_tokens, self.device)
+
+    # -- forward / resume -------------------------------------------------------------------------
+    def forward(
+        self, state: SeqState, input_ids: Any, *, pause_at: int | None = None,
+        return_logits: str | int = "last", return_activation: str = "none",
+    ) -> StepResult:
+        """Run `input_ids` ([T] / [1, T] ints) after the state's tokens; stop after layer `pause_at` if given."""
+        self._check_state(state)
+        ids = check_ids(input_ids, self.vocab_size)
+        out = check_outputs(return_logits, return_activation, self.vocab_size)
+        pause = check_pause(pause_at, self.n_layers)
+        all_ids = state.unfed_ids + ids
+        self._check_room(state, len(all_ids))
+        with torch.no_grad():
+            if len(all_ids) == 1 and pause is None and out.activation == "none" and self.decode_mode != "dynamic":
+                return self._static_step(state, all_ids[0], out)
+            return run_forward(self.arch, state, all_ids, pause, out)
+
+    def resume(
+        self, state: SeqState, activation: torch.Tensor | None = None, *, pause_at: int | None = None,
+        return_logits: str | int = "last", return_activation: str = "none",
+    ) -> StepResult:
+        """Continue a paused forward from layer paused_at+1, with the stored or a replacement activation
+        ([pending, hidden], model dtype). May pause again at a later layer."""
+        self._check_state(state, paused_ok=True)
+        if state.paused_at is None:
+            raise Busy("state is not paused; nothing to resume")
+        act = check_activation(activation, state.pending, self.hidden_size, self.dtype, self.device)
+        pause = check_pause(pause_at, self.n_layers, after=state.paused_at)
+        out = check_outputs(return_logits, return_activation, self.vocab_size)
+        with torch.no_grad():
+            return run_resume(self.arch, state, act, pause, out)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(
+        self, state: SeqState, input_ids: Any, max_new_tokens: int, *, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int | None = None, stop_ids: Any = (),
+    ) -> Iterator[int]:
+        """Prefill `input_ids`, then yield up to `max_new_tokens` ids, one decode step per id.
+
+        All checks run now, before the iterator is returned. The last id yielded (a stop id is yielded,
+        then generation ends) stays in `state.unfed_ids` and runs first in the next forward. Closing the
+        iterator early (cancel) leaves the state consistent the same way.
+        """
+        self._check_state(state)
+        ids = check_ids(input_ids, self.vocab_size)
+        temp, top_p, seed, n, stops = check_sampling(temperature, top_p, seed, max_new_tokens, stop_ids,
+                                                     self.vocab_size)
+        # Rows used: the prefill, then n-1 decode steps; the last token yielded stays unfed.
+        self._check_room(state, len(state.unfed_ids) + len(ids) + n - 1)
+        gen = make_generator(self.device, seed) if temp > 0.0 else None
+        return Generation(state, self._generate(state, state.unfed_ids + ids, n, temp, top_p, gen, stops))
+
+    def _generate(self, state: SeqState, ids: list[int], n: int, temp: float, top_p: float,
+                  gen: torch.Generator | None, stops: frozenset[int]) -> Iterator[int]:
+        with torch.no_grad():
+            logits = run_forward(self.arch, state, ids, None, Outputs()).logits
+        for i in range(n):
+            assert logits is not None
+            tok = sample(logits, temp, top_p, gen)
+            state.unfed_ids = [tok]
+            yield tok
+            if tok in stops or i == n - 1:
+                return
+            self._alive()
+            if state.unfed_ids != [tok] or state.paused_at is not None:
+                raise Busy("the state changed under a running generate(); cancel it before other calls")
+            with torch.no_grad():
+                if self.decode_mode != "dynamic":
+                    logits = self._static_step(state, tok, Outputs()).logits
+                else:
+                    logits = run_forward(self.arch, state, [tok], None, Outputs()).logits
+
+    def _static_step(self, state: SeqState, token: int, out: Outputs) -> StepResult:
+        graphs = self.decode_mode == "graph"
+        if state.static is not None and state.static.use_graphs != graphs:
+            state.static.close()
+            state.static = None
+        if state.static is None:
+            state.static = StaticDecoder(self.arch, self.device, state.max_tokens, graphs)
+        logits = state.static.step(state, token)
+        topk_ids = topk_logits = None
+        if isinstance(out.logits, int):
+            topk_logits, topk_ids = torch.topk(logits, out.logits)
+            logits = None
+        elif out.logits == "all":
+            logits = logits.unsqueeze(0)
+        elif out.logits == "none":
+            logits = None
+        return StepResult(logits, topk_ids, topk_logits, None, None, state.position, 1)
+
+    # -- plans ------------------------------------------------------------------------------------
+    def plan(self, op: str, n_tokens: int, past: int = 0, batch: int = 1) -> Plan:
+        """The memory plan for `op` ("forward", "forward_all", "decode") over `n_tokens` after `past`
+        tokens; measured on the meta device the first time a bucket is asked for, cached after."""
+        self._alive()
+        return self._plans.get(op, n_tokens, past, batch)
+
+    def _meta(self) -> Any:
+        if self._meta_arch is None:
+            self._meta_arch = make_arch(self._meta_factory())
+        return self._meta_arch
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def unload(self) -> None:
+        """Free the Text range. Idempotent. States of this model become unusable (NotFound)."""
+        if self._text is None:
+            return
+        text, self._text = self._text, None
+        self.arch = None  # type: ignore[assignment]
+        self._meta_arch = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no kernel may still read the range once it is reused
+        text.free()
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _alive(self) -> None:
+        if self._text is None:
+            raise NotFound(f"model {self.name!r} was unloaded")
+
+    def _check_max_tokens(self, max_tokens: Any) -> None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadArgument(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if max_tokens > self.max_positions:
+            raise BadArgument(f"max_tokens {max_tokens} exceeds the model's {self.max_positions} positions")
+
+    def _check_state(self, state: Any, *, paused_ok: bool = False) -> None:
+        self._alive()
+        if not isinstance(state, SeqState) or state.owner is not self:
+            raise BadArgument("state was not made by this model (new_state())")
+        if state.generating:
+            raise Busy("a generate() is running on this state; close the iterator first")
+        if state.paused_at is not None and not paused_ok:
+            raise Busy(f"state is paused after layer {state.paused_at}; resume it or discard_pending() first")
+
+    def _check_room(self, state: SeqState, n_new: int) -> None:
+        if state.position + n_new > state.max_tokens:
+            raise BadArgument(
+                f"{n_new} more tokens after {state.position} would pass max_tokens={state.max_tokens}"
+            )

@@ -1,0 +1,130 @@
+"""The layer-split forward: embed, run layers [first, last], pause or finish, shape the outputs.
+
+Rules:
+- Every check happens before the first layer runs (see `validate.py`), so a refused call writes nothing.
+- The state changes only at the end of a successful run: a failure mid-run (e.g. out of memory) leaves
+  `position`, `paused_at` and `pending` as they were; rows past `position` may hold partial K/V, which is
+  harmless because nothing reads a row that is not complete.
+- Steering of layer i is applied to layer i's output before anything else sees it (the next layer, the
+  pause slot, the returned activation).
+- Resume runs from a contiguous copy of the activation slot, so pause/resume is bitwise identical to an
+  uninterrupted forward (same ops, same inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import Arch
+from .state import SeqState
+
+__all__ = ["StepResult", "Outputs", "run_forward", "run_resume"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a forward, resume or decode step returns. Tensors are fresh copies on the model's device.
+
+    - `logits`: float32 [vocab] ("last") or [n_tokens, vocab] ("all"); None when paused or not asked.
+    - `topk_ids` (int64 [k]) / `topk_logits` (float32 [k]): the last token's top k, for return_logits=k.
+    - `activation`: model dtype, [hidden] ("last") or [n_tokens, hidden] ("all"): the output of the pause
+      layer when paused, else the output of the last layer before the final norm.
+    - `paused_at`: the layer the forward stopped after, or None when it finished.
+    - `position`: tokens complete in every layer after this call. `n_tokens`: tokens this call ran.
+    """
+
+    logits: torch.Tensor | None
+    topk_ids: torch.Tensor | None
+    topk_logits: torch.Tensor | None
+    activation: torch.Tensor | None
+    paused_at: int | None
+    position: int
+    n_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Validated return modes: logits "last" | "all" | "none" | k (int); activation "none" | "last" | "all"."""
+
+    logits: str | int = "last"
+    activation: str = "none"
+
+
+def _span(arch: Arch, state: SeqState, hidden: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Run layers first..last (inclusive) for the in-flight tokens; K/V go to rows [position, +n)."""
+    p, n = state.position, hidden.shape[1]
+    device = hidden.device
+    views = state.views()
+    position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
+    masks = arch.masks(p, n, device, hidden.dtype)
+    ctx = arch.context(hidden, position_ids)
+    state.cache.bind(views.kv, p, n)
+    try:
+        for i in range(first, last + 1):
+            hidden = arch.run_layer(i, hidden, masks[arch.windows[i]], state.cache, position_ids, ctx)
+            hidden = state.apply_steering(i, hidden)
+    finally:
+        state.cache.unbind()
+    return hidden
+
+
+def _finish(arch: Arch, state: SeqState, hidden: torch.Tensor, pause_at: int | None, out: Outputs) -> StepResult:
+    """Either park the activation (pause) or run the head; then commit the state."""
+    p, n = state.position, hidden.shape[1]
+    act = None
+    if out.activation == "last":
+        act = hidden[0, -1].clone()
+    elif out.activation == "all":
+        act = hidden[0].clone()
+    if pause_at is not None and pause_at < arch.n_layers:
+        state.views().act[p : p + n].copy_(hidden[0])
+        state.mark_written(p + n)
+        state.paused_at, state.pending = pause_at, n
+        return StepResult(None, None, None, act, pause_at, p, n)
+    logits = topk_ids = topk_logits = None
+    if out.logits != "none":
+        normed = arch.norm(hidden)
+        if out.logits == "all":
+            logits = arch.lm_head(normed)[0].float()
+        else:
+            last = arch.lm_head(normed[:, -1:])[0, 0].float()
+            if out.logits == "last":
+                logits = last
+            else:
+                topk_logits, topk_ids = torch.topk(last, int(out.logits))
+    state.mark_written(p + n)
+    state.position, state.paused_at, state.pending = p + n, None, 0
+    return StepResult(logits, topk_ids, topk_logits, act, None, state.position, n)
+
+
+def run_forward(arch: Arch, state: SeqState, ids: list[int], pause_at: int | None, out: Outputs) -> StepResult:
+    """A forward over `ids` (already validated, unfed tokens included) from the state's position."""
+    p, n = state.position, len(ids)
+    device = state.device
+    state.views(refresh=True)
+    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+    position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
+    hidden = arch.embed(ids_t, position_ids)
+    last = arch.n_layers - 1 if pause_at is None else pause_at
+    hidden = _span(arch, state, hidden, 0, last)
+    result = _finish(arch, state, hidden, pause_at, out)
+    state.unfed_ids = []  # they were the first tokens of `ids`
+    return result
+
+
+def run_resume(
+    arch: Arch, state: SeqState, activation: torch.Tensor | None, pause_at: int | None, out: Outputs
+) -> StepResult:
+    """Continue a paused forward from layer paused_at+1 (activation already validated to [pending, hidden])."""
+    assert state.paused_at is not None
+    p, n, resumed_from = state.position, state.pending, state.paused_at
+    slot = state.views(refresh=True).act[p : p + n]
+    if activation is not None:
+        slot.copy_(activation)
+    hidden = slot.clone(memory_format=torch.contiguous_format).unsqueeze(0)
+    last = arch.n_layers - 1 if pause_at is None else pause_at
+    if last > resumed_from:
+        hidden = _span(arch, state, hidden, resumed_from + 1, last)
+    return _finish(arch, state, hidden, pause_at, out)

@@ -1,0 +1,166 @@
+"""CUDA checks: graph-captured decode against the eager path, VMU paging under graphs, timings.
+
+Run on a GPU machine with: python -m pytest tests/drivers/model -m gpu -s -q
+(-s shows the timing lines). Skipped where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from djinn.drivers.model import load_model
+from tests.fakes import FakeArena, hf_reference, save_tiny
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
+
+
+@pytest.fixture(scope="module")
+def long_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny models with 1024 positions, so decode crosses the 256 -> 512 key bucket."""
+    root = tmp_path_factory.mktemp("tiny-long")
+    return {k: save_tiny(k, root / k, max_position_embeddings=1024) for k in ("gpt2", "llama", "qwen2")}
+
+
+def _state(model, max_tokens: int):
+    return model.new_state(FakeArena(model.arena_nbytes(max_tokens), device=model.device), max_tokens)
+
+
+def test_cudnn_attention_is_off_after_a_cuda_load(long_dirs):
+    load_model(str(long_dirs["gpt2"]), device="cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_forward_on_cuda_matches_hf_on_cpu(long_dirs):
+    model = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+    with torch.no_grad():
+        expected = hf_reference(long_dirs["llama"])(torch.tensor([PROMPT])).logits[0]
+    got = model.forward(_state(model, 64), PROMPT, return_logits="all").logits.cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_graph_decode_matches_eager_decode_fp32(long_dirs, kind):
+    """300 teacher-forced steps (crossing the 256 -> 512 bucket), then a short free generation."""
+    eager = load_model(str(long_dirs[kind]), device="cuda", dtype="float32")
+    graph = load_model(str(long_dirs[kind]), device="cuda", dtype="float32")
+    eager.decode_mode = "dynamic"
+    assert graph.decode_mode == "graph"
+    a, b = _state(eager, 600), _state(graph, 600)
+    token = int(torch.argmax(eager.forward(a, PROMPT).logits))
+    graph.forward(b, PROMPT)
+    for step in range(300):
+        la, lb = eager.forward(a, [token]).logits, graph.forward(b, [token]).logits
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+        token = int(torch.argmax(la))
+    assert b.static.captures == 2 and b.static.replays == 300  # buckets 256 and 512
+    assert list(graph.generate(b, [3], 12)) == list(eager.generate(a, [3], 12))
+    assert a.arena.used_nbytes == b.arena.used_nbytes
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_graph_decode_bf16_tracks_eager(long_dirs, kind):
+    eager = load_model(str(long_dirs[kind]), device="cuda", dtype="bfloat16")
+    graph = load_model(str(long_dirs[kind]), device="cuda", dtype="bfloat16")
+    eager.decode_mode = "dynamic"
+    a, b = _state(eager, 128), _state(graph, 128)
+    eager.forward(a, PROMPT)
+    graph.forward(b, PROMPT)
+    for token in (3, 9, 27):
+        la, lb = eager.forward(a, [token]).logits, graph.forward(b, [token]).logits
+        torch.testing.assert_close(lb, la, atol=0.1, rtol=0.05)
+
+
+def test_graphs_with_steering_and_on_a_side_stream(long_dirs):
+    eager = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+    graph = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+    eager.decode_mode = "dynamic"
+    a, b = _state(eager, 300), _state(graph, 300)
+    for s, m in ((a, eager), (b, graph)):
+        s.set_steering(1, "scale", 0.7)
+        s.set_steering(2, "add", torch.linspace(-0.5, 0.5, m.hidden_size))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tb = list(graph.generate(b, PROMPT, 30))
+        b.set_steering(1, "scale", 1.3)  # new value, same layout: replays, no recapture
+        tb += list(graph.generate(b, [4], 10))
+    stream.synchronize()
+    ta = list(eager.generate(a, PROMPT, 30))
+    a.set_steering(1, "scale", 1.3)
+    ta += list(eager.generate(a, [4], 10))
+    assert ta == tb and b.static.captures == 1
+
+
+def test_graphs_survive_vmu_paging(long_dirs):
+    from djinn.drivers.vmu import VMU
+
+    vmu = VMU("cuda", text_nbytes=64 << 20, data_nbytes=256 << 20, stack_nbytes=64 << 20, host_nbytes=256 << 20)
+    try:
+        model = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32", vmu=vmu)
+        ref = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+        ref.decode_mode = "dynamic"
+        arena = vmu.alloc_arena("s-gpu", model.arena_nbytes(512))
+        state, rstate = model.new_state(arena, 512), _state(ref, 512)
+        got = list(model.generate(state, PROMPT, 20))
+        vmu.page_out(arena).wait()
+        vmu.page_in(arena).wait()
+        got += list(model.generate(state, [7], 20))
+        want = list(ref.generate(rstate, PROMPT, 20)) + list(ref.generate(rstate, [7], 20))
+        assert got == want
+        assert state.static.captures == 2  # recaptured after the arena moved
+        model.unload()
+    finally:
+        vmu.close()
+
+
+def _step_ms(model, state, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        model.forward(state, [1 + i % 100], return_logits="none" if model.decode_mode == "dynamic" else "last")
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+@pytest.mark.slow
+def test_llama_1b_decode_eager_vs_graph_and_plan():
+    model = load_model("dummy:llama-1b", device="cuda")
+    print(f"\nllama-1b: {model.n_params / 1e9:.2f} B params, {model.text_nbytes / 1e9:.2f} GB text, "
+          f"{model.bytes_per_token} B/token, dtype {model.dtype}")
+    prompt = list(range(1, 513))
+    plan = model.plan("forward", 512, 0)
+    model.forward(_state(model, 512), prompt)  # warm-up: cuBLAS workspaces are allocated on first use
+    state = _state(model, 1024)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model.forward(state, prompt)
+    torch.cuda.synchronize()
+    real_peak = torch.cuda.max_memory_allocated() - base
+    print(f"prefill 512: plan peak {plan.peak_nbytes / 1e6:.1f} MB (cold {plan.cold_s * 1e3:.0f} ms), "
+          f"measured peak {real_peak / 1e6:.1f} MB")
+    model.decode_mode = "dynamic"
+    eager_ms = _step_ms(model, state, 30)
+    model.decode_mode = "graph"
+    _step_ms(model, state, 3)  # capture
+    graph_ms = _step_ms(model, state, 30)
+    print(f"decode at ~550 tokens: eager {eager_ms:.2f} ms/step, graph {graph_ms:.2f} ms/step")
+    assert graph_ms < eager_ms
+    assert plan.peak_nbytes >= real_peak * 0.5
+
+
+@pytest.mark.slow
+def test_llama_8b_loads_fast_and_generates():
+    t0 = time.perf_counter()
+    model = load_model("dummy:llama-8b", device="cuda")
+    load_s = time.perf_counter() - t0
+    print(f"\nllama-8b: load {load_s:.1f} s, {model.text_nbytes / 1e9:.2f} GB text, {model.bytes_per_token} B/token")
+    assert 15e9 < model.text_nbytes < 17e9 and load_s < 60
+    state = _state(model, 256)
+    assert len(list(model.generate(state, list(range(1, 65)), 16))) == 16
+    model.unload()
