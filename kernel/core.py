@@ -95,7 +95,7 @@ class Kernel:
 
     def quarantine(self, exc: InvalidTransition) -> None:
         """A broken invariant ends the session it happened to, not the daemon."""
-        s = self.sessions._by_id.get(exc.session)
+        s = self.sessions.find(exc.session)
         log.error("invariant violation, closing session %s: %s", exc.session, exc)
         if s is not None and s.state != "CLOSED":
             asyncio.get_running_loop().create_task(self._reclaim_locked(s))

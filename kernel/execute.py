@@ -111,16 +111,20 @@ class Execute:
             model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=tuple(stop))))
         tok = model.tokenizer
-        while True:
-            if peer.closed:
-                raise ECANCELED("generate: the client went away")
-            token = await self.k.on_device(s, next, steps, None)
-            if token is None:
-                return
-            item: dict[str, Any] = {"token": int(token), "position": s.tokens}
-            if tok is not None:
-                item["text"] = tok.decode([int(token)])
-            yield item
+        try:
+            while True:
+                if peer.closed:
+                    raise ECANCELED("generate: the client went away")
+                token = await self.k.on_device(s, next, steps, None)
+                if token is None:
+                    return
+                item: dict[str, Any] = {"token": int(token), "position": s.tokens}
+                if tok is not None:
+                    item["text"] = tok.decode([int(token)])
+                yield item
+        finally:
+            # A generation stopped early (cancelled, client gone) leaves the state consistent.
+            await self.k.worker.run(steps.close)
 
     async def set_steering(self, s: Session, layer: int, op: str, value: Any) -> dict[str, Any]:
         model = self._model(s)

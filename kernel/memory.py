@@ -213,7 +213,7 @@ class Memory:
                          "of idle sessions; retry later, close sessions, or signal IO_WAIT on idle ones",
                          retryable=True, details=details)
         for action in ev.victims:
-            victim = self.k.sessions._by_id.get(action.sid)
+            victim = self.k.sessions.find(action.sid)
             if victim is None or victim.lock.locked():
                 self.policy.on_transfer_done(time.monotonic(), action.sid, "out", 0, 0.0, False)
                 continue
@@ -243,7 +243,7 @@ class Memory:
         self._rearm()
 
     async def _carry_out(self, action: PageOut | PageIn) -> None:
-        s = self.k.sessions._by_id.get(action.sid)
+        s = self.k.sessions.find(action.sid)
         if s is None or s.state == "CLOSED":
             self.policy.forget(action.sid)
             return
@@ -288,8 +288,7 @@ class Memory:
 
     def _on_timer(self) -> None:
         self._timer = None
-        sessions = self.k.sessions._by_id
-        actions = self.policy.due(time.monotonic(), (self.view(s) for s in sessions.values()))
+        actions = self.policy.due(time.monotonic(), (self.view(s) for s in self.k.sessions))
         self._spawn_actions(actions)
 
     # -- checkpoints --------------------------------------------------------------
@@ -361,7 +360,7 @@ class Memory:
     async def free_checkpoint(self, call: Call, ck_id: str) -> None:
         ck = self._get_checkpoint(call, ck_id)
         del self.checkpoints[ck_id]
-        owner = self.k.sessions._by_id.get(ck.session)
+        owner = self.k.sessions.find(ck.session)
         if owner is not None:
             owner.checkpoints.discard(ck_id)
         await _wait_copy(ck.host)

@@ -147,6 +147,10 @@ class SessionTable:
             raise EPERM(f"session {sid} belongs to uid {s.uid}, not to you (uid {uid})")
         return s
 
+    def find(self, sid: str) -> Session | None:
+        """The session `sid`, without an ownership check (for the kernel's own bookkeeping)."""
+        return self._by_id.get(sid)
+
     def remove(self, sid: str) -> Session | None:
         return self._by_id.pop(sid, None)
 
