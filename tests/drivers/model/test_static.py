@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoModelForCausalLM
+
+from djinn.drivers.errors import BadArgument
+from djinn.drivers.model import ArenaLayout, SeqState
+from djinn.drivers.model.arch import make_arch
 from djinn.drivers.model.graphs import MIN_BUCKET, StaticDecoder
+from djinn.drivers.model.plans import MetaArena
 from tests.drivers.model.conftest import new_state
+from tests.fakes import tiny_config
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
 
@@ -69,3 +78,55 @@ def test_buckets_follow_the_position():
         MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 1024, 4096]
     dec.max_tokens = 100
     assert dec.bucket(0) == 100
+
+
+def test_release_drops_the_decoder_and_the_state_stays_usable(fresh_model):
+    model = fresh_model("gpt2")
+    model.decode_mode = "static"
+    state = new_state(model)
+    model.forward(state, PROMPT)
+    model.forward(state, [1])
+    assert state.static is not None
+    state.release()
+    assert state.static is None
+    assert model.forward(state, [2]).position == len(PROMPT) + 2
+    with pytest.raises(BadArgument):
+        model.decode_mode = "graph" if not torch.cuda.is_available() else "turbo"
+
+
+class _HostTensorSpy(TorchDispatchMode):
+    """Records ops that take or make a tensor off the meta device (a host tensor inside a capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = tree_flatten((args, kwargs, out))[0]
+        if any(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
+            self.host_ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_static_step_is_capture_safe(kind, attn):
+    """A CPU stand-in for CUDA-graph safety: the whole step runs on the meta device, where any host
+    read (.item(), .tolist()) raises and any tensor made on the CPU shows up in the spy."""
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation=attn).eval()
+    arch = make_arch(hf)
+    layout = ArenaLayout(arch.n_layers, arch.n_kv_heads, arch.head_dim, arch.hidden, torch.float32)
+    meta = torch.device("meta")
+    state = SeqState(object(), "meta", layout, MetaArena(layout.arena_nbytes(64)), 64, meta)
+    state.position = 20
+    state.set_steering(1, "add", 0.5)
+    decoder = StaticDecoder(arch, meta, 64, use_graphs=False)
+    with torch.no_grad(), _HostTensorSpy() as spy:
+        logits = decoder.step(state, 7)
+    assert logits.device.type == "meta" and logits.shape == (arch.vocab_size,)
+    assert spy.host_ops == []
+    with _HostTensorSpy() as control:
+        torch.ones(1) * 2
+    assert control.host_ops  # the spy does see host tensors
