@@ -104,7 +104,7 @@ class Policy:
         self._then_in: dict[str, Cause] = {}
         self._armed: dict[str, float] = {}
         self._started: set[str] = set()
-        self._timers: list[tuple[float, str]] = []
+        self._timers: list[tuple[float, str]] = []  # heap; an entry whose time is not _armed[sid] is stale
         self._by_cause: dict[str, int] = dict.fromkeys(CAUSES, 0)
         self._outcomes = {"scheduled": 0, "late": 0, "on_time": 0, "cancelled": 0}
 
@@ -144,6 +144,7 @@ class Policy:
             return []
         then = self._then_in.pop(sid, None)
         if not ok:
+            self._resolve(sid, "cancelled")
             return []
         return [self._emit_in(sid, then)] if then is not None else []
 
@@ -211,6 +212,7 @@ class Policy:
         self._then_in.pop(sid, None)
 
     def statistics(self) -> PolicyStats:
+        """A copy of the counters and the current transfer estimates."""
         o = self._outcomes
         return PolicyStats(
             policy=self.name,
