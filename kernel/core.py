@@ -138,10 +138,12 @@ class Kernel:
         handle = self._reclaim.pop(s.id, None)
         if handle is not None:
             handle.cancel()
+        if s.seq is not None:
+            await self.worker.run(s.seq.release)  # drops the state's CUDA graphs and views
+            s.seq = None
         await self.memory.free_session(s)
         if s.model is not None:
             self.models.release(s.model)
-        s.seq = None
         s.move("CLOSED")
         self.sessions.remove(s.id)
         self.memory.policy.forget(s.id)

@@ -104,9 +104,6 @@ class Execute:
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, input_ids)
-        if s.tokens + int(ids.numel()) + max_new_tokens - 1 > s.max_tokens:
-            raise EINVAL(f"generate: {s.tokens} tokens in context + {int(ids.numel())} prompt + {max_new_tokens} new "
-                         f"exceeds max_tokens {s.max_tokens}", details={"argument": "max_new_tokens"})
         steps = await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), "forward", functools.partial(
             model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=tuple(stop))))

@@ -91,7 +91,8 @@ class Session:
 
     @property
     def tokens(self) -> int:
-        return int(getattr(self.seq, "position", 0)) if self.seq is not None else 0
+        """Tokens the session's context holds (a generated token not yet run through the model included)."""
+        return int(getattr(self.seq, "n_tokens", 0)) if self.seq is not None else 0
 
     def display_state(self) -> str:
         if self.state == "PAUSED" and self.paused_at is not None:
