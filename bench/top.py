@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, Recorder
+from djinn.top.query import SORT_KEYS
 
 __all__ = ["add_args", "run"]
 
@@ -53,6 +54,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring (imports, first layout)")
     p.add_argument("--interval", type=float, default=0.25, help="djinn-top's refresh interval (default 0.25)")
     p.add_argument("--driver", choices=("headless", "pty", "both"), default="both")
+    p.add_argument("--sort", default="id", choices=tuple(SORT_KEYS),
+                   help="djinn-top's sort key (`last` reorders rows on every refresh)")
     p.add_argument("--source", choices=("auto", "live", "fake"), default="auto",
                    help="live: start djinnd; fake: synthetic snapshots; auto: live, else fake (default)")
 
@@ -117,8 +120,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _source_args(socket: str | None, sessions: int) -> list[str]:
-    return ["--socket", socket] if socket else ["--demo", str(sessions)]
+def _top_args(socket: str | None, sessions: int, interval: float, sort: str) -> list[str]:
+    source = ["--socket", socket] if socket else ["--demo", str(sessions)]
+    return [*source, "--interval", str(interval), "--sort", sort]
 
 
 def _settle(proc: subprocess.Popen[bytes], warmup: float, limit_s: float = 90.0) -> None:
@@ -134,16 +138,17 @@ def _settle(proc: subprocess.Popen[bytes], warmup: float, limit_s: float = 90.0)
             return
 
 
-def _run_pty(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float) -> dict[str, Any]:
+def _run_pty(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float,
+             sort: str) -> dict[str, Any]:
     """The real djinn-top on a pseudo-terminal of SIZE; its terminal output is read and discarded."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", SIZE[1], SIZE[0], 0, 0))
     env = _env() | {"TERM": "xterm-256color", "COLUMNS": str(SIZE[0]), "LINES": str(SIZE[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "djinn.top", "--interval", str(interval),
-                             *_source_args(socket, sessions)], stdin=slave, stdout=slave, stderr=slave,
-                            env=env, start_new_session=True, close_fds=True)
+    proc = subprocess.Popen([sys.executable, "-m", "djinn.top", *_top_args(socket, sessions, interval, sort)],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True, close_fds=True)
     os.close(slave)
     out_nbytes = [0]
+    screen = bytearray()
 
     def drain() -> None:
         while True:
@@ -154,6 +159,7 @@ def _run_pty(socket: str | None, sessions: int, seconds: float, warmup: float, i
             if not chunk:
                 return
             out_nbytes[0] += len(chunk)
+            screen.extend(chunk)
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
@@ -171,14 +177,18 @@ def _run_pty(socket: str | None, sessions: int, seconds: float, warmup: float, i
             proc.wait()
         os.close(master)
     wall = t1 - t0
+    if f"sessions {sessions} ".encode() not in screen:
+        raise RuntimeError(f"djinn-top never showed {sessions} sessions on the terminal")
     return {"cpu_s": c1 - c0, "wall_s": wall, "terminal_bps": (b1 - b0) / wall, "ticks_per_s": None}
 
 
-async def _headless(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float) -> dict:
+async def _headless(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float,
+                    sort: str) -> dict:
     from djinn.top.app import make_source, parse_args
     from djinn.top.ui import TopApp
 
-    app = TopApp(make_source(parse_args(_source_args(socket, sessions))), interval_s=interval)
+    args = parse_args(_top_args(socket, sessions, interval, sort))
+    app = TopApp(make_source(args), interval_s=args.interval, sort=args.sort)
     async with app.run_test(size=SIZE):
         for _ in range(900):
             if app.connected:
@@ -191,12 +201,15 @@ async def _headless(socket: str | None, sessions: int, seconds: float, warmup: f
         await asyncio.sleep(seconds)
         c1, t1, k1 = time.process_time(), time.monotonic(), app.ticks
         shown = len(app.shown)
+    if shown != sessions:
+        raise RuntimeError(f"djinn-top showed {shown} sessions, not {sessions}")
     return {"cpu_s": c1 - c0, "wall_s": t1 - t0, "ticks_per_s": (k1 - k0) / (t1 - t0), "rows": shown}
 
 
-def _run_headless(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float) -> dict:
+def _run_headless(socket: str | None, sessions: int, seconds: float, warmup: float, interval: float,
+                  sort: str) -> dict:
     """The UI under Textual's pilot, in a child process of its own so that nothing else shares its CPU clock."""
-    args = [json.dumps([socket, sessions, seconds, warmup, interval])]
+    args = [json.dumps([socket, sessions, seconds, warmup, interval, sort])]
     done = subprocess.run([sys.executable, "-m", "bench.top", *args], env=_env(), capture_output=True, text=True,
                           timeout=seconds + warmup + 120)
     if done.returncode != 0:
@@ -229,15 +242,15 @@ def run(args: argparse.Namespace) -> int:
         for driver in drivers:
             fn = _run_headless if driver == "headless" else _run_pty
             socket = daemon.socket if daemon is not None else None
-            m = fn(socket, args.sessions, seconds, args.warmup, args.interval)
+            m = fn(socket, args.sessions, seconds, args.warmup, args.interval, args.sort)
             frac = m["cpu_s"] / m["wall_s"]
             worst = max(worst, frac)
             rec.record(figure="djinn_top_cpu_fraction", driver=driver, source=source, sessions=args.sessions,
-                       interval_s=args.interval, seconds=seconds, terminal=f"{SIZE[0]}x{SIZE[1]}",
+                       interval_s=args.interval, sort=args.sort, seconds=seconds, terminal=f"{SIZE[0]}x{SIZE[1]}",
                        cpu_fraction=frac, limit=LIMIT, within_limit=frac <= LIMIT, **m)
             extra = f", {m['ticks_per_s']:.2f} refreshes/s" if m.get("ticks_per_s") else ""
             extra += f", {m['terminal_bps'] / 1024:.1f} KiB/s to the terminal" if m.get("terminal_bps") else ""
-            print(f"top [{source}, {driver}, {args.sessions} sessions, {1 / args.interval:.0f} Hz]: "
+            print(f"top [{source}, {driver}, {args.sessions} sessions, {1 / args.interval:.0f} Hz, sort {args.sort}]: "
                   f"{100 * frac:.1f}% of one core ({m['cpu_s']:.2f}s CPU in {m['wall_s']:.1f}s{extra})")
     finally:
         if daemon is not None:
@@ -248,5 +261,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _sock, _n, _s, _w, _i = json.loads(sys.argv[1])
-    print(json.dumps(asyncio.run(_headless(_sock, _n, _s, _w, _i))))
+    print(json.dumps(asyncio.run(_headless(*json.loads(sys.argv[1])))))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from textual.app import App, ComposeResult
@@ -34,6 +35,50 @@ __all__ = ["TopApp", "HELP_TEXT"]
 T = TypeVar("T")
 SORT_ORDER = tuple(SORT_KEYS)
 MESSAGE_S = 8.0  # how long a message (a close result, an error) stays on the status line
+CLOSE_S = 1.0  # on quit, how long to wait for the connection to close before leaving it to the OS
+
+
+class _Worker:
+    """One daemon thread that runs the source's blocking calls in order.
+
+    A daemon thread, not a ThreadPoolExecutor, because the interpreter joins an
+    executor's threads at exit: a call stuck on a hung daemon would stop `q` from quitting.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="djinn-top-source", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run fn(*args) on the thread; the future completes on the calling loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # handed to the awaiting coroutine, which decides
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 HELP_TEXT = """\
 djinn-top: the Djinn kernel's sessions, memory and syscalls, refreshed about 4 times a second.
@@ -161,7 +206,7 @@ class TopApp(App[int]):
         self._prev_t = 0.0
         self._busy = False
         self._message = ("", "", 0.0)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-top-source")
+        self._worker = _Worker()
 
     def compose(self) -> ComposeResult:
         yield HeaderPanel()
@@ -183,11 +228,14 @@ class TopApp(App[int]):
         self.set_interval(self.interval_s, self.tick)
 
     async def on_unmount(self) -> None:
-        await self._call(self.source.close)
-        self._executor.shutdown(wait=False)
+        try:
+            await asyncio.wait_for(self._call(self.source.close), CLOSE_S)
+        except asyncio.TimeoutError:
+            pass
+        self._worker.stop()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return self._worker.submit(fn, *args)
 
     async def tick(self) -> None:
         """One refresh: a stat call, then the view. Skipped while the previous one is still out."""
