@@ -221,6 +221,22 @@ async def test_a_client_bug_is_reported_not_fatal():
         assert app.is_running and "RuntimeError: decoder fell over" in status(app)
 
 
+async def test_a_kernel_error_from_stat_is_shown_as_such():
+    from djinn.kernel.errors import EIO
+
+    def fail(t: float) -> dict[str, Any]:
+        raise EIO("stat: internal error")
+
+    app = make_app(FakeSource(snapshot=fail))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "stat failed: [EIO] stat: internal error" in status(app)
+        assert "disconnected" not in status(app) and "waiting for the first snapshot" in screen_text(app)
+    err = io.StringIO()
+    assert print_once(FakeSource(snapshot=fail, target="/x.sock"), parse_args(["--once"]), err=err) == 1
+    assert "stat failed at /x.sock: [EIO]" in err.getvalue()
+
+
 async def test_an_unchanged_snapshot_repaints_nothing():
     snap = synthetic_snapshot(200, 10.0, uid=UID)
     app = make_app(FakeSource(snapshot=lambda t: snap))

@@ -247,7 +247,9 @@ class TopApp(App[int]):
         except Unavailable as e:
             self._set_down(e.reason)
         except KernelError as e:
+            self.connected, self.down_reason = True, ""
             self._say(f"stat failed: {e}", "error")
+            self._render_view()
         except Exception as e:  # a client bug must not take the UI down; it retries on the next tick
             await self._call(self.source.close)
             self._set_down(f"{type(e).__name__}: {e}")
@@ -284,7 +286,9 @@ class TopApp(App[int]):
             self.shown = select(view.sessions, self.sort, self.reverse, self.filter)
         if not self.connected:
             placeholder = no_daemon_message(self.source.target, self.down_reason)
-        elif view is not None and view.sessions:
+        elif view is None:
+            placeholder = "waiting for the first snapshot"
+        elif view.sessions:
             placeholder = f"no sessions match the filter {self.filter.text!r}"
         else:
             placeholder = "no sessions open"
