@@ -24,7 +24,7 @@ __all__ = ["Session", "SessionTable", "TRANSITIONS", "InvalidTransition", "new_i
 # state -> states it may move to. SWAPPED means the arena lives in the host pool;
 # a paused session may also be swapped (paused_at stays set while SWAPPED).
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "READY": frozenset({"RUNNING", "IO_WAIT", "SWAPPED", "CLOSED"}),
+    "READY": frozenset({"RUNNING", "PAUSED", "IO_WAIT", "SWAPPED", "CLOSED"}),  # PAUSED: restoring a paused checkpoint
     "RUNNING": frozenset({"READY", "PAUSED", "CLOSED"}),
     "PAUSED": frozenset({"RUNNING", "READY", "IO_WAIT", "SWAPPED", "CLOSED"}),
     "IO_WAIT": frozenset({"READY", "RUNNING", "PAUSED", "SWAPPED", "CLOSED"}),
