@@ -114,16 +114,28 @@ class ArenaCache(Cache):
         self.n_new = 0
         self._static_pos: torch.Tensor | None = None
         self._static_len = 0
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows_of: torch.Tensor | None = None
 
     def bind(self, kv: torch.Tensor, start: int, n_new: int) -> None:
         """Next updates write rows [start, start + n_new) and return the prefix [0, start + n_new)."""
-        self.kv, self.start, self.n_new = kv, start, n_new
+        self._set_kv(kv)
+        self.start, self.n_new = start, n_new
         self._static_pos = None
+
+    def _set_kv(self, kv: torch.Tensor) -> None:
+        # Per-layer K/V row views are taken once per arena view, not once per layer call:
+        # on a launch-bound GPU each view op is CPU time the forward waits for.
+        if kv is not self.kv and kv is not self._rows_of:
+            self._rows = [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+            self._rows_of = kv
+        self.kv = kv
 
     def bind_static(self, kv: torch.Tensor, pos: torch.Tensor, kv_len: int) -> None:
         """Next updates write one row at device position `pos` ([1] long) and return the first `kv_len` rows.
         No host value is read, so the step can be captured in a CUDA graph."""
-        self.kv, self._static_pos, self._static_len = kv, pos, kv_len
+        self._set_kv(kv)
+        self._static_pos, self._static_len = pos, kv_len
 
     def unbind(self) -> None:
         self.kv, self._static_pos = None, None
@@ -134,7 +146,7 @@ class ArenaCache(Cache):
         kv = self.kv
         if kv is None:
             raise RuntimeError("ArenaCache used outside a bound forward (driver bug)")
-        k_rows, v_rows = kv[:, layer_idx, 0], kv[:, layer_idx, 1]  # [max_tokens, H, D] each
+        k_rows, v_rows = self._rows[layer_idx]  # [max_tokens, H, D] each
         k_new, v_new = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [T, H, D]
         if self._static_pos is not None:
             k_rows.index_copy_(0, self._static_pos, k_new)
@@ -144,6 +156,10 @@ class ArenaCache(Cache):
             end = self.start + self.n_new
             k_rows[self.start : end].copy_(k_new)
             v_rows[self.start : end].copy_(v_new)
+            if self.start == 0:
+                # No past keys: attend over the fresh, contiguous K/V (the same values the arena
+                # now holds); the fused attention kernels run faster on them than on strided rows.
+                return key_states, value_states
         return k_rows[:end].permute(1, 0, 2).unsqueeze(0), v_rows[:end].permute(1, 0, 2).unsqueeze(0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

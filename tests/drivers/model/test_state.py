@@ -21,7 +21,9 @@ def _inside(t: torch.Tensor, arena: FakeArena) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_kv_given_to_attention_lives_in_the_arena(tiny, kind):
+def test_kv_lives_in_the_arena_and_decode_attends_over_it(tiny, kind):
+    """A first forward writes its K/V into the arena and may attend over the fresh, contiguous
+    copies (same values); every later forward attends over the arena's rows."""
     model = tiny(kind)
     state = new_state(model)
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -36,9 +38,14 @@ def test_kv_given_to_attention_lives_in_the_arena(tiny, kind):
     model.forward(state, PROMPT[:5])
     model.forward(state, PROMPT[5:6])
     assert [s[0] for s in seen] == list(range(model.n_layers)) * 2
-    for layer, keys, values in seen:
+    kv = state.views().kv
+    for i, (layer, keys, values) in enumerate(seen):
         assert keys.shape[:2] == (1, model.n_kv_heads) and keys.shape[3] == model.head_dim
-        assert _inside(keys, state.arena) and _inside(values, state.arena)
+        if i >= model.n_layers:
+            assert _inside(keys, state.arena) and _inside(values, state.arena)
+        else:
+            assert torch.equal(keys[0].transpose(0, 1), kv[:5, layer, 0])
+            assert torch.equal(values[0].transpose(0, 1), kv[:5, layer, 1])
     assert seen[-1][1].shape[2] == 6  # the whole prefix, as [1, heads, T, head_dim]
     views = state.views()
     assert _inside(views.kv, state.arena) and _inside(views.act, state.arena)
