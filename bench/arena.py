@@ -1,0 +1,145 @@
+"""python -m bench arena: arena alloc+free latency across sizes and live-arena counts (ablation 2).
+
+Figures (targets: p50 <= 5 us, flat in size, growing no faster than log n in the count):
+- `vmu`: `VMU.alloc_arena` + `VMU.free_arena`, the real path that hands out an Arena;
+- `allocator`: the pure RangeAllocator under it, alone, for comparison.
+Each trial frees one random live arena and allocates a new one, so holes move
+around as they would under sessions coming and going. No count of live arenas of
+these sizes fits in any real memory (10,000 x 4 GB), so the sweep runs on a Data
+segment whose tensor is on the meta device: alloc_arena/free_arena never touch the
+bytes, so the path is the same. Where a configuration fits, a `vmu` row on a real
+segment (segment="real") is measured as well, to show that it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench.common import Recorder, percentile, progress
+from djinn.drivers.vmu import VMU, RangeAllocator, Segment
+from djinn.drivers.vmu.sizes import host_available_nbytes
+
+MiB = 1 << 20
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arena-sizes", default="64,128,256,300,4096",
+                   help="arena sizes in MiB, comma-separated (default: the seeds' 64,128,256,300 plus 4 GiB)")
+    p.add_argument("--n-sessions", default="1,10,100,1000,10000",
+                   help="live-arena counts to sweep, comma-separated")
+    p.add_argument("--n-trials", type=int, default=5000, help="timed free+alloc pairs per configuration")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (the real-segment rows use it)")
+    p.add_argument("--real-cap-gib", type=float, default=None,
+                   help="largest real Data segment to allocate (default: half the free memory)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _time_pairs(n_trials: int, live: list[Any], free: Callable[[Any], None], alloc: Callable[[], Any],
+                rng: random.Random) -> tuple[list[float], list[float]]:
+    """(alloc seconds, free seconds) of `n_trials` trials: free a random live one, allocate a new one."""
+    allocs, frees = [], []
+    clock = time.perf_counter_ns
+    for _ in range(n_trials):
+        i = rng.randrange(len(live))
+        t0 = clock()
+        free(live[i])
+        t1 = clock()
+        live[i] = alloc()
+        t2 = clock()
+        frees.append((t1 - t0) / 1e9)
+        allocs.append((t2 - t1) / 1e9)
+    return allocs, frees
+
+
+def _vmu(device: torch.device, capacity: int, real: bool) -> VMU:
+    vmu = VMU(device, text_nbytes=0, data_nbytes=capacity if real else 0, stack_nbytes=0, host_nbytes=0)
+    if not real:  # a Data segment too large for any memory: its tensor is on the meta device (see the docstring)
+        vmu.data = Segment("data", torch.empty(capacity, dtype=torch.uint8, device="meta"),
+                           align=vmu.data.allocator.align, lock=vmu._lock)
+    return vmu
+
+
+def _measure(path: str, segment: str, device: torch.device, size: int, n_live: int, n_trials: int,
+             seed: int) -> dict[str, Any]:
+    capacity = (n_live + 1) * size
+    rng = random.Random(seed)
+    gc.collect()
+    if path == "allocator":
+        a = RangeAllocator(capacity, 256, name="data segment")
+        live: list[Any] = [a.alloc(size) for _ in range(n_live)]
+        allocs, frees = _time_pairs(n_trials, live, a.free, lambda: a.alloc(size), rng)
+        frag = a.fragmentation
+    else:
+        vmu = _vmu(device, capacity, real=segment == "real")
+        try:
+            live = [vmu.alloc_arena(f"s{i}", size) for i in range(n_live)]
+            counter = iter(range(n_live, 1 << 62))
+            allocs, frees = _time_pairs(n_trials, live, vmu.free_arena,
+                                        lambda: vmu.alloc_arena(f"s{next(counter)}", size), rng)
+            frag = vmu.data.allocator.fragmentation
+        finally:
+            vmu.close()
+    pairs = [x + y for x, y in zip(allocs, frees)]
+    us = lambda xs, q: percentile(xs, q) * 1e6  # noqa: E731
+    return {
+        "path": path, "segment": segment, "arena_nbytes": size, "arena_mib": size // MiB, "n_live": n_live,
+        "n_trials": n_trials, "alloc_p50_us": us(allocs, 50), "alloc_p99_us": us(allocs, 99),
+        "free_p50_us": us(frees, 50), "free_p99_us": us(frees, 99), "pair_p50_us": us(pairs, 50),
+        "pair_p99_us": us(pairs, 99), "fragmentation": frag,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = [s * MiB for s in _ints("64,300,4096" if args.quick and args.arena_sizes == "64,128,256,300,4096"
+                                    else args.arena_sizes)]
+    counts = _ints("1,100,10000" if args.quick and args.n_sessions == "1,10,100,1000,10000" else args.n_sessions)
+    n_trials = min(args.n_trials, 500) if args.quick else args.n_trials
+    want = args.device
+    device = torch.device("cuda" if (want == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if want == "auto" else want))
+    if args.real_cap_gib is not None:
+        real_cap = int(args.real_cap_gib * (1 << 30))
+    elif device.type == "cuda":
+        real_cap = int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    else:
+        real_cap = min(host_available_nbytes() // 2, 8 << 30)
+    rec = Recorder("arena", args.output_dir, quick=args.quick)
+    configs = []
+    for size in sizes:
+        for n in counts:
+            configs.append(("allocator", "none", size, n))
+            configs.append(("vmu", "meta", size, n))
+            if (n + 1) * size <= real_cap:
+                configs.append(("vmu", "real", size, n))
+    rows = []
+    for path, segment, size, n in progress(configs, "arena configs"):
+        r = _measure(path, segment, device, size, n, n_trials, args.seed)
+        rows.append(rec.record(metric="arena_free_alloc", unit="us", device_kind=device.type, **r))
+    by = {(r["path"], r["segment"], r["arena_nbytes"], r["n_live"]): r for r in rows}
+    for path, segment in (("vmu", "meta"), ("allocator", "none")):
+        for size in sizes:
+            lo, hi = by.get((path, segment, size, counts[0])), by.get((path, segment, size, counts[-1]))
+            if lo and hi and counts[-1] > counts[0]:
+                import math
+
+                rec.record(metric="arena_scaling", path=path, segment=segment, arena_nbytes=size,
+                           n_from=counts[0], n_to=counts[-1], p50_ratio=hi["pair_p50_us"] / lo["pair_p50_us"],
+                           log2_ratio=math.log2(max(counts[-1], 2)) / math.log2(max(counts[0], 2)))
+    print(f"\n{'path':10} {'segment':8} {'MiB':>6} {'live':>6} {'alloc p50':>10} {'free p50':>9} "
+          f"{'pair p50':>9} {'pair p99':>9} {'frag':>6}")
+    for r in rows:
+        print(f"{r['path']:10} {r['segment']:8} {r['arena_mib']:6d} {r['n_live']:6d} {r['alloc_p50_us']:10.2f} "
+              f"{r['free_p50_us']:9.2f} {r['pair_p50_us']:9.2f} {r['pair_p99_us']:9.2f} {r['fragmentation']:6.3f}")
+    worst = max(r["pair_p50_us"] for r in rows if r["path"] == "vmu")
+    print(f"worst VMU free+alloc p50: {worst:.2f} us (target <= 5 us); results: {rec.path}")
+    return 0

@@ -1,0 +1,315 @@
+"""RangeAllocator: variable-size, aligned ranges of one address space, with a coalescing free list.
+
+Pure Python, no torch: the Data segment, the Text segment and the host pool each
+own one. Rules:
+  - every range (free or used) starts and ends on a multiple of `align`;
+  - no two free ranges touch: a freed range merges with its free neighbours at once;
+  - used + free == capacity, always; a failed alloc changes nothing;
+  - alloc fails (OutOfMemory) only when no free range is large enough.
+
+How it is O(1)/O(log n) (TLSF, "two-level segregated fit"): free ranges are filed
+in size classes, 16 per power of two, and a bitmap (one Python int) says which
+classes are non-empty, so the first class whose every member fits is one
+`m & -m` away. Neighbours are found through two dicts (start -> size, end -> start),
+so freeing and coalescing are O(1). A request that falls inside a class scans at
+most SCAN_LIMIT members of that class first, so repeated same-size requests reuse
+same-size holes. The largest free range comes from a max-heap with lazy deletion
+(amortised O(log n)), rebuilt when stale entries outnumber live ones.
+
+Not thread-safe: the owner (the VMU) serialises calls under its lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ..errors import BadArgument, OutOfMemory
+
+__all__ = ["RangeAllocator", "SL_BITS", "SCAN_LIMIT"]
+
+SL_BITS = 4  # 2**SL_BITS size classes per power of two: a class spans at most 1/16 of its lower bound
+SCAN_LIMIT = 8  # members of the request's own class inspected for a fit before taking a larger class
+
+
+def _class_of(units: int) -> int:
+    """Size class of a range of `units` alignment units (units >= 1). Classes 0..15 are exact."""
+    if units < (1 << SL_BITS):
+        return units
+    fl = units.bit_length() - 1
+    return ((fl - SL_BITS + 1) << SL_BITS) | ((units >> (fl - SL_BITS)) & ((1 << SL_BITS) - 1))
+
+
+def _class_at_least(units: int) -> int:
+    """First class whose every member has at least `units` units."""
+    if units < (1 << SL_BITS):
+        return units
+    fl = units.bit_length() - 1
+    return _class_of(units + (1 << (fl - SL_BITS)) - 1)
+
+
+class RangeAllocator:
+    """Ranges of [0, capacity) handed out in multiples of `align` bytes (a power of two).
+
+    `alloc(nbytes) -> offset` raises OutOfMemory (nothing changed) or BadArgument (nbytes <= 0);
+    `free(offset) -> nbytes` raises BadArgument for an offset it did not hand out (double free).
+    """
+
+    __slots__ = (
+        "name", "capacity", "align", "_shift", "_used", "_free_start", "_free_end",
+        "_classes", "_bitmap", "_heap", "_memo", "used_nbytes",
+    )
+
+    def __init__(self, capacity: int, align: int = 256, *, name: str = "range") -> None:
+        if align <= 0 or align & (align - 1):
+            raise BadArgument(f"{name}: align must be a power of two, got {align}")
+        if capacity < 0:
+            raise BadArgument(f"{name}: capacity must be >= 0, got {capacity}")
+        self.name = name
+        self.align = align
+        self._shift = align.bit_length() - 1
+        self.capacity = capacity & ~(align - 1)  # a partial last unit is never handed out
+        self._used: dict[int, int] = {}  # start -> nbytes of ranges handed out
+        self._free_start: dict[int, int] = {}  # start -> nbytes of free ranges
+        self._free_end: dict[int, int] = {}  # end -> start of free ranges (for the left neighbour)
+        self._classes: dict[int, dict[int, int]] = {}  # class -> {start: nbytes}, insertion ordered
+        self._bitmap = 0  # bit c set <=> class c non-empty
+        self._heap: list[tuple[int, int]] = []  # (-nbytes, start); entries may be stale
+        self._memo: dict[int, tuple[int, int]] = {}  # aligned size -> (own class, fitting class)
+        self.used_nbytes = 0
+        if self.capacity:
+            self._insert(0, self.capacity)
+
+    # ----------------------------------------------------------------- figures
+    @property
+    def free_nbytes(self) -> int:
+        return self.capacity - self.used_nbytes
+
+    @property
+    def largest_free_nbytes(self) -> int:
+        """The largest free range, exact. Amortised O(log n): drops stale heap tops."""
+        heap, free = self._heap, self._free_start
+        while heap:
+            neg, start = heap[0]
+            if free.get(start) == -neg:
+                return -neg
+            heapq.heappop(heap)
+        return 0
+
+    @property
+    def largest_free_fraction(self) -> float:
+        """largest free range / total free: 1.0 when the free space is one range (or there is none)."""
+        free = self.free_nbytes
+        return self.largest_free_nbytes / free if free else 1.0
+
+    @property
+    def fragmentation(self) -> float:
+        """1 - largest_free_fraction: 0.0 unfragmented, towards 1.0 as free space splinters."""
+        return 1.0 - self.largest_free_fraction
+
+    @property
+    def n_free_ranges(self) -> int:
+        return len(self._free_start)
+
+    @property
+    def n_used_ranges(self) -> int:
+        return len(self._used)
+
+    def size_of(self, offset: int) -> int:
+        """Bytes of the used range starting at `offset`; BadArgument if there is none."""
+        try:
+            return self._used[offset]
+        except KeyError:
+            raise BadArgument(f"{self.name}: no allocated range starts at offset {offset}") from None
+
+    def round_up(self, nbytes: int) -> int:
+        return (nbytes + self.align - 1) & ~(self.align - 1)
+
+    # ------------------------------------------------------------- alloc/free
+    def _classes_for(self, size: int) -> tuple[int, int]:
+        """(own class, first class that surely fits) for an aligned size; memoised (sizes repeat)."""
+        pair = self._memo.get(size)
+        if pair is None:
+            units = size >> self._shift
+            pair = (_class_of(units), _class_at_least(units))
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            self._memo[size] = pair
+        return pair
+
+    def alloc(self, nbytes: int) -> int:
+        """Offset of a new range of `nbytes` rounded up to `align`. OutOfMemory if none fits."""
+        if nbytes <= 0:
+            raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
+        size = (nbytes + self.align - 1) & ~(self.align - 1)
+        own, fit = self._memo.get(size) or self._classes_for(size)
+        bitmap = self._bitmap
+        start = -1
+        if fit != own and (bitmap >> own) & 1:
+            start = self._scan(self._classes[own], size, SCAN_LIMIT)
+        if start < 0:
+            above = bitmap >> fit
+            if above:
+                start = next(iter(self._classes[fit + (above & -above).bit_length() - 1]))
+            elif fit != own and (bitmap >> own) & 1:
+                start = self._scan(self._classes[own], size, None)  # near-full: look at every member
+            if start < 0:
+                raise OutOfMemory(
+                    f"{self.name}", requested_nbytes=size,
+                    largest_free_nbytes=self.largest_free_nbytes, total_free_nbytes=self.free_nbytes,
+                )
+        have = self._free_start[start]
+        if have > size:
+            self._reshape(start, have, start + size, have - size)  # the tail stays free
+        else:
+            self._remove(start)
+        self._used[start] = size
+        self.used_nbytes += size
+        return start
+
+    def free(self, offset: int) -> int:
+        """Return the range at `offset`; merges it with free neighbours. Returns its size in bytes."""
+        size = self._used.pop(offset, 0)
+        if not size:
+            raise BadArgument(f"{self.name}: free of offset {offset}, which is not an allocated range "
+                              "(double free?)")
+        self.used_nbytes -= size
+        end = offset + size
+        right = self._free_start.get(end)
+        left = self._free_end.get(offset)
+        if left is not None:
+            if right is not None:
+                self._remove(end)
+                end += right
+            self._reshape(left, offset - left, left, end - left)
+        elif right is not None:
+            self._reshape(end, right, offset, end + right - offset)
+        else:
+            self._insert(offset, size)
+        return size
+
+    def try_extend(self, offset: int, nbytes: int) -> bool:
+        """Grow the used range at `offset` in place to `nbytes` (rounded up) if the free range right
+        after it has room. True on success; False (nothing changed) otherwise. Never shrinks."""
+        old = self.size_of(offset)
+        size = self.round_up(nbytes)
+        if size <= old:
+            return True
+        end = offset + old
+        have = self._free_start.get(end)
+        if have is None or have < size - old:
+            return False
+        self._remove(end)
+        if have > size - old:
+            self._insert(offset + size, have - (size - old))
+        self._used[offset] = size
+        self.used_nbytes += size - old
+        return True
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _scan(members: dict[int, int], size: int, limit: int | None) -> int:
+        """Best fit among the first `limit` members (all if None); -1 if none fits."""
+        best, best_size = -1, 0
+        for i, (start, have) in enumerate(members.items()):
+            if limit is not None and i >= limit:
+                break
+            if have >= size and (best < 0 or have < best_size):
+                best, best_size = start, have
+                if have == size:
+                    break
+        return best
+
+    def _insert(self, start: int, size: int) -> None:
+        self._free_start[start] = size
+        self._free_end[start + size] = start
+        cls = (self._memo.get(size) or self._classes_for(size))[0]
+        members = self._classes.get(cls)
+        if members is None:
+            self._classes[cls] = {start: size}
+            self._bitmap |= 1 << cls
+        else:
+            members[start] = size
+        heap = self._heap
+        heapq.heappush(heap, (-size, start))
+        if len(heap) > 2 * len(self._free_start) + 64:  # stale entries dominate: rebuild, O(n) amortised
+            heap[:] = [(-s, o) for o, s in self._free_start.items()]
+            heapq.heapify(heap)
+
+    def _reshape(self, old_start: int, old_size: int, start: int, size: int) -> None:
+        """Replace free range [old_start, +old_size) by [start, +size), which shares its start or its end
+        with it: the same as _remove + _insert, with fewer dict operations (alloc and free's common cases)."""
+        free_start, free_end, memo = self._free_start, self._free_end, self._memo
+        if start != old_start:
+            del free_start[old_start]
+        free_start[start] = size
+        old_end, end = old_start + old_size, start + size
+        if end != old_end:
+            del free_end[old_end]
+        free_end[end] = start
+        old_cls = (memo.get(old_size) or self._classes_for(old_size))[0]
+        cls = (memo.get(size) or self._classes_for(size))[0]
+        members = self._classes[old_cls]
+        if cls == old_cls:
+            if start != old_start:
+                del members[old_start]
+            members[start] = size
+        else:
+            del members[old_start]
+            if not members:
+                del self._classes[old_cls]
+                self._bitmap &= ~(1 << old_cls)
+            new_members = self._classes.get(cls)
+            if new_members is None:
+                self._classes[cls] = {start: size}
+                self._bitmap |= 1 << cls
+            else:
+                new_members[start] = size
+        heap = self._heap
+        heapq.heappush(heap, (-size, start))
+        if len(heap) > 2 * len(free_start) + 64:
+            heap[:] = [(-s, o) for o, s in free_start.items()]
+            heapq.heapify(heap)
+
+    def _remove(self, start: int) -> int:
+        size = self._free_start.pop(start)
+        del self._free_end[start + size]
+        cls = (self._memo.get(size) or self._classes_for(size))[0]
+        members = self._classes[cls]
+        del members[start]
+        if not members:
+            del self._classes[cls]
+            self._bitmap &= ~(1 << cls)
+        return size
+
+    # ------------------------------------------------------- for tests/debug
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """Sorted (start, nbytes) of free ranges. O(n log n); for tests and debugging."""
+        return sorted(self._free_start.items())
+
+    def used_ranges(self) -> list[tuple[int, int]]:
+        """Sorted (start, nbytes) of used ranges. O(n log n); for tests and debugging."""
+        return sorted(self._used.items())
+
+    def check(self) -> None:
+        """Assert every invariant (O(n log n)). Raises AssertionError naming the first broken one."""
+        a = self.align
+        spans = sorted([(o, s, "used") for o, s in self._used.items()]
+                       + [(o, s, "free") for o, s in self._free_start.items()])
+        pos = 0
+        prev_kind = None
+        for o, s, kind in spans:
+            assert o % a == 0 and s % a == 0 and s > 0, f"unaligned or empty {kind} range {o}+{s}"
+            assert o == pos, f"{'gap' if o > pos else 'overlap'} at {pos}: next range starts at {o}"
+            assert not (kind == prev_kind == "free"), f"adjacent free ranges at {o} were not coalesced"
+            pos, prev_kind = o + s, kind
+        assert pos == self.capacity, f"ranges end at {pos}, capacity is {self.capacity}"
+        assert self.used_nbytes == sum(self._used.values()), "used_nbytes drifted"
+        assert self.used_nbytes + sum(self._free_start.values()) == self.capacity, "used + free != capacity"
+        assert {e: o for o, s in self._free_start.items() for e in [o + s]} == self._free_end, "end index drifted"
+        filed = {o: s for members in self._classes.values() for o, s in members.items()}
+        assert filed == self._free_start, "size classes drifted from the free list"
+        for cls, members in self._classes.items():
+            assert members and (self._bitmap >> cls) & 1, f"class {cls} empty or not in bitmap"
+            assert all(_class_of(s >> self._shift) == cls for s in members.values()), f"misfiled in class {cls}"
+        assert self._bitmap.bit_count() == len(self._classes), "bitmap has bits for empty classes"
+        assert self.largest_free_nbytes == max(self._free_start.values(), default=0), "largest free is wrong"

@@ -1,0 +1,87 @@
+"""The CUDA paths: pinned host pool, copy streams ordered by events, the Stack MemPool. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn.drivers.vmu import VMU
+from tests.drivers.vmu.fakes import MiB, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+@pytest.fixture
+def cuda_vmu():  # type: ignore[no-untyped-def]
+    vmu = VMU("cuda", text_nbytes=64 * MiB, data_nbytes=512 * MiB, stack_nbytes=256 * MiB, host_nbytes=512 * MiB)
+    try:
+        yield vmu
+    finally:
+        vmu.close()
+
+
+def test_segments_live_where_they_should(cuda_vmu: VMU) -> None:
+    assert cuda_vmu.data.tensor.is_cuda and cuda_vmu.text.tensor.is_cuda
+    assert not cuda_vmu.host.tensor.is_cuda and cuda_vmu.host.tensor.is_pinned()
+    a = cuda_vmu.alloc_arena("s", 8 * MiB)
+    v = a.view(torch.float16, (1024, 1024), 4096)
+    lo = cuda_vmu.data.tensor.data_ptr()
+    assert v.is_cuda and lo <= v.data_ptr() and v.data_ptr() + 2 * MiB <= lo + cuda_vmu.data.capacity_nbytes
+
+
+def test_page_out_waits_for_compute_on_the_arena(cuda_vmu: VMU) -> None:
+    a = cuda_vmu.alloc_arena("s", 64 * MiB)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.randn(2048, 2048, device="cuda")
+        out = a.view(torch.float32, (2048, 2048))
+        for _ in range(20):  # long enough that an unordered copy would read stale bytes
+            torch.matmul(x, x, out=out)
+            x = out * 1e-3
+        a.mark_used(out.numel() * 4)
+        expected = out.clone()
+        job = cuda_vmu.page_out(a)  # the arena's stream is `side`: the copy must wait for it
+    job.wait()
+    cuda_vmu.finish(job)
+    inn = cuda_vmu.page_in(a)
+    with torch.cuda.stream(side):
+        back = a.view(torch.float32, (2048, 2048))  # orders `side` after the page-in
+        assert torch.equal(back, expected.to(back.device))
+    inn.wait()
+    assert job.seconds and job.seconds > 0 and inn.seconds and inn.seconds > 0
+
+
+def test_page_in_waits_for_page_out_in_flight(cuda_vmu: VMU) -> None:
+    a = cuda_vmu.alloc_arena("s", 256 * MiB)
+    a.bytes(256 * MiB).copy_(torch.randint(0, 255, (256 * MiB,), dtype=torch.uint8, device="cuda"))
+    a.mark_used(256 * MiB)
+    expected = a.bytes(256 * MiB).clone()
+    cuda_vmu.page_out(a)
+    cuda_vmu.page_in(a)  # enqueued at once: h2d must wait on the d2h event
+    assert torch.equal(a.bytes(256 * MiB), expected)
+
+
+def test_snapshot_restore_on_cuda(cuda_vmu: VMU) -> None:
+    a = cuda_vmu.alloc_arena("s", 16 * MiB)
+    a.bytes(MiB).fill_(7)
+    a.mark_used(MiB)
+    ck = cuda_vmu.snapshot(a)
+    a.bytes(MiB).fill_(9)  # ordered after the snapshot's copy on this stream
+    cuda_vmu.restore(a, ck)
+    assert int(a.bytes(MiB).float().mean().item()) == 7
+    cuda_vmu.free_host(ck)
+
+
+def test_stack_scope_measures_peak(cuda_vmu: VMU) -> None:
+    with cuda_vmu.stack_scope() as scope:
+        t = torch.empty(32 * MiB, dtype=torch.uint8, device="cuda")
+        del t
+    assert scope.peak_nbytes >= 32 * MiB
+    assert cuda_vmu.stat()["stack"]["requests"] == 1
+
+
+def test_real_cuda_oom_becomes_out_of_memory() -> None:
+    from djinn.drivers.errors import OutOfMemory
+
+    with pytest.raises(OutOfMemory):
+        VMU("cuda", text_nbytes=0, data_nbytes=1 << 50, stack_nbytes=0, host_nbytes=0)
