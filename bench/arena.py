@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from bench.common import Recorder, percentile, progress
+from djinn.drivers.errors import OutOfMemory
 from djinn.drivers.vmu import VMU, RangeAllocator, Segment
 from djinn.drivers.vmu.sizes import host_available_nbytes
 
@@ -123,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
                 configs.append(("vmu", "real", size, n))
     rows = []
     for path, segment, size, n in progress(configs, "arena configs"):
-        r = _measure(path, segment, device, size, n, n_trials, args.seed)
+        try:
+            r = _measure(path, segment, device, size, n, n_trials, args.seed)
+        except OutOfMemory as e:  # the device's free memory shrank since real_cap was read (a shared GPU)
+            rec.record(metric="arena_skipped", path=path, segment=segment, arena_nbytes=size, n_live=n,
+                       reason=str(e))
+            continue
         rows.append(rec.record(metric="arena_free_alloc", unit="us", device_kind=device.type, **r))
     by = {(r["path"], r["segment"], r["arena_nbytes"], r["n_live"]): r for r in rows}
     for path, segment in (("vmu", "meta"), ("allocator", "none")):
