@@ -6,19 +6,25 @@ Figures (issue: the foundation):
 - a 16 MiB tensor echoed through djinnd against a raw Unix-socket `recv_into` echo
   (target: >= 0.7x the floor's bandwidth).
 Every server runs in its own process, like djinnd does, so the client and server
-share the machine's cores the same way in each measurement.
+share the machine's cores the same way in each measurement. All servers run at
+once and the measurements alternate between a baseline and djinn (blocks of round
+trips, single tensor trials): on a shared 2-core machine the cost of a wake-up
+changes from minute to minute, and a ratio means something only if both of its
+sides saw the same minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from bench.common import Recorder, daemon, percentile, progress, spawn_server, stop_server
 
@@ -58,39 +64,89 @@ while True:
 """
 
 
-def _echo_round_trips(path: str, n: int) -> list[float]:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    msg = struct.pack("<I", 16) + b"x" * 16
-    buf = bytearray(64)
-    out = []
-    for _ in range(n):
+class _EchoClient:
+    """A blocking client of ECHO_SERVER: one 16-byte length-prefixed message per round trip."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.msg = struct.pack("<I", 16) + b"x" * 16
+        self.view = memoryview(bytearray(64))
+
+    def round_trip(self) -> float:
         t0 = time.perf_counter()
-        s.sendall(msg)
+        self.sock.sendall(self.msg)
         got = 0
-        while got < len(msg):
-            got += s.recv_into(memoryview(buf)[got:])
-        out.append(time.perf_counter() - t0)
-    s.close()
-    return out
+        while got < len(self.msg):
+            got += self.sock.recv_into(self.view[got:])
+        return time.perf_counter() - t0
 
 
-def _bulk_round_trips(path: str, nbytes: int, n: int) -> list[float]:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    data = bytearray(os.urandom(1 << 16)) * (nbytes >> 16)
-    back = bytearray(nbytes)
-    view = memoryview(back)
-    out = []
-    for _ in range(n):
+class _BulkClient:
+    """A blocking client of BULK_SERVER: `nbytes` out, the same `nbytes` back into a preallocated buffer."""
+
+    def __init__(self, path: str, nbytes: int) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.nbytes = nbytes
+        self.data = bytearray(os.urandom(1 << 16)) * (nbytes >> 16)
+        self.view = memoryview(bytearray(nbytes))
+
+    def round_trip(self) -> float:
         t0 = time.perf_counter()
-        s.sendall(data)
+        self.sock.sendall(self.data)
         got = 0
-        while got < nbytes:
-            got += s.recv_into(view[got:])
-        out.append(time.perf_counter() - t0)
-    s.close()
-    return out
+        while got < self.nbytes:
+            got += self.sock.recv_into(self.view[got:])
+        return time.perf_counter() - t0
+
+
+def _server_pid(path: str) -> int:
+    """The pid of the process listening on the Unix socket `path` (its peer credentials)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)
+        pid, _uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
+@contextlib.contextmanager
+def _pinned(pids: list[int], cpus: set[int]) -> Iterator[None]:
+    """Run every thread of `pids` (a pid may be a thread id) on `cpus` only; restore their masks after."""
+    saved: dict[int, set[int]] = {}
+    try:
+        for pid in pids:
+            tids = os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else [pid]
+            for tid in map(int, tids):
+                saved[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+        yield
+    finally:
+        for tid, mask in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
+
+
+def _timed(call: Callable[[], Any]) -> Callable[[], float]:
+    def round_trip() -> float:
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
+
+    return round_trip
+
+
+def _interleave(a: Callable[[], float], b: Callable[[], float], n: int, block: int, label: str
+                ) -> tuple[list[float], list[float]]:
+    """n round trips of each, alternating blocks of `block`; which goes first alternates too."""
+    out_a: list[float] = []
+    out_b: list[float] = []
+    blocks = -(-n // block)
+    for i in progress(range(blocks), label):
+        size = min(block, n - i * block)
+        order = ((a, out_a), (b, out_b)) if i % 2 == 0 else ((b, out_b), (a, out_a))
+        for fn, out in order:
+            out.extend(fn() for _ in range(size))
+    return out_a, out_b
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -98,76 +154,87 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", type=int, default=256, help="requests in flight in the pipelined measurement")
     p.add_argument("--tensor-mib", type=int, default=16, help="size of the echoed tensor")
     p.add_argument("--tensor-trials", type=int, default=30)
+    p.add_argument("--block", type=int, default=500, help="round trips per block when alternating echo and nop")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import djinn
+    from djinn.kernel.codec import SEND_BUFFER_NBYTES
 
     n = 2000 if args.quick else args.n
     trials = 5 if args.quick else args.tensor_trials
     rec = Recorder("rpc", args.output_dir, quick=args.quick)
     tmp = tempfile.mkdtemp(prefix="djinn-bench-")
     nbytes = args.tensor_mib << 20
-    rows: list[tuple[str, float, float, str]] = []
-
     echo_path = os.path.join(tmp, "echo.sock")
-    proc = spawn_server([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
-    try:
-        _echo_round_trips(echo_path, 200)
-        echo = _echo_round_trips(echo_path, n)
-    finally:
-        stop_server(proc)
-
     bulk_path = os.path.join(tmp, "bulk.sock")
-    proc = spawn_server([sys.executable, "-c", BULK_SERVER, bulk_path, str(nbytes)], bulk_path)
-    try:
-        bulk = _bulk_round_trips(bulk_path, nbytes, trials + 2)[2:]
-    finally:
-        stop_server(proc)
 
-    with daemon("--model", "none", "--vmu-data", "64MiB", "--vmu-host", "64MiB", "--vmu-text", "64MiB",
-                "--vmu-stack", "64MiB") as djinn_path:
-        with djinn.connect(djinn_path) as k:
-            for _ in range(200):
-                k.syscall("nop")
-            null = []
-            for _ in progress(range(n), "null syscalls"):
-                t0 = time.perf_counter()
-                k.syscall("nop")
-                null.append(time.perf_counter() - t0)
-            batches = max(4, n // args.pipeline)
-            t0 = time.perf_counter()
-            for _ in range(batches):
-                k.batch([("nop", {})] * args.pipeline)
-            pipelined_per_s = batches * args.pipeline / (time.perf_counter() - t0)
-            tensor = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-            for _ in range(2):
-                k.syscall("echo", data=tensor)
-            tensor_rt = []
-            for _ in progress(range(trials), "16 MiB echoes"):
-                t0 = time.perf_counter()
-                back = k.syscall("echo", data=tensor)["data"]
-                tensor_rt.append(time.perf_counter() - t0)
-            assert torch.equal(back, tensor), "the echoed tensor differs"
+    with contextlib.ExitStack() as stack:
+        echo_server = spawn_server([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
+        stack.callback(stop_server, echo_server)
+        stack.callback(stop_server, spawn_server([sys.executable, "-c", BULK_SERVER, bulk_path, str(nbytes)], bulk_path))
+        djinn_path = stack.enter_context(daemon("--model", "none", "--vmu-data", "64MiB", "--vmu-host", "64MiB",
+                                                "--vmu-text", "64MiB", "--vmu-stack", "64MiB"))
+        k = stack.enter_context(djinn.connect(djinn_path))
+        echo_client = _EchoClient(echo_path)
+        for _ in range(200):
+            echo_client.round_trip()
+            k.syscall("nop")
+        echo, null = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")), n, args.block,
+                                 "null syscalls and echoes")
+        # The same on one core: the scheduler puts each server on the client's core or
+        # on the other one, sticks to its choice, and a wake-up across cores of this VM
+        # costs tens of microseconds. On one core both pay the same, only for their work.
+        with _pinned([threading.get_native_id(), echo_server.pid, _server_pid(djinn_path)], {min(os.sched_getaffinity(0))}):
+            echo_1, null_1 = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")), max(n // 4, 1000),
+                                         args.block, "the same on one core")
+
+        batches = max(4, n // args.pipeline)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            k.batch([("nop", {})] * args.pipeline)
+        pipelined_per_s = batches * args.pipeline / (time.perf_counter() - t0)
+
+        bulk_client = _BulkClient(bulk_path, nbytes)
+        tensor = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+        replies: list[Any] = []
+
+        def tensor_echo() -> None:
+            replies[:] = [k.syscall("echo", data=tensor)["data"]]  # the last reply lives until the next arrives
+
+        for _ in range(2):
+            bulk_client.round_trip()
+            tensor_echo()
+        bulk, tensor_rt = _interleave(bulk_client.round_trip, _timed(tensor_echo), trials, 1,
+                                      f"{args.tensor_mib} MiB echoes")
+        assert torch.equal(replies[0], tensor), "the echoed tensor differs"
 
     echo_p50, null_p50 = percentile(echo, 50), percentile(null, 50)
+    echo1_p50, null1_p50 = percentile(echo_1, 50), percentile(null_1, 50)
     floor_bw = 2 * nbytes / percentile(bulk, 50)
     djinn_bw = 2 * nbytes / percentile(tensor_rt, 50)
     results: list[dict[str, Any]] = [
         rec.record(metric="null_round_trip", unit="us", djinn_p50=null_p50 * 1e6,
                    djinn_p99=percentile(null, 99) * 1e6, baseline="uvloop length-prefixed echo",
                    baseline_p50=echo_p50 * 1e6, baseline_p99=percentile(echo, 99) * 1e6,
-                   ratio_p50=null_p50 / echo_p50, target="ratio_p50 <= 2", n=n),
+                   ratio_p50=null_p50 / echo_p50, target="ratio_p50 <= 2", n=n, interleaved_block=args.block),
+        rec.record(metric="null_round_trip_one_core", unit="us", djinn_p50=null1_p50 * 1e6,
+                   djinn_p99=percentile(null_1, 99) * 1e6, baseline="uvloop length-prefixed echo",
+                   baseline_p50=echo1_p50 * 1e6, baseline_p99=percentile(echo_1, 99) * 1e6,
+                   ratio_p50=null1_p50 / echo1_p50, n=len(null_1), interleaved_block=args.block,
+                   note="client, echo server and djinnd pinned to one core: software cost without cross-core wake-ups"),
         rec.record(metric="pipelined_syscalls_per_s", unit="1/s", djinn=pipelined_per_s, in_flight=args.pipeline,
                    target=">= 20000"),
         rec.record(metric="tensor_echo_bandwidth", unit="GB/s", nbytes=nbytes, djinn=djinn_bw / 1e9,
                    baseline="raw unix socket recv_into echo", baseline_value=floor_bw / 1e9,
-                   ratio=djinn_bw / floor_bw, target="ratio >= 0.7", trials=trials),
+                   ratio=djinn_bw / floor_bw, target="ratio >= 0.7", trials=trials, interleaved_block=1,
+                   djinn_so_sndbuf_nbytes=SEND_BUFFER_NBYTES),
     ]
     rows = [
         ("null syscall p50 (us)", null_p50 * 1e6, echo_p50 * 1e6, f"{null_p50 / echo_p50:.2f}x"),
+        ("  the same on one core", null1_p50 * 1e6, echo1_p50 * 1e6, f"{null1_p50 / echo1_p50:.2f}x"),
         ("pipelined syscalls/s", pipelined_per_s, float("nan"), "target >= 20000"),
         (f"{args.tensor_mib} MiB echo (GB/s)", djinn_bw / 1e9, floor_bw / 1e9, f"{djinn_bw / floor_bw:.2f}x"),
     ]

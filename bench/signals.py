@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -40,6 +41,7 @@ Launcher = Callable[..., ContextManager[str]]
 
 CLIENT_CPU_LIMIT = 0.8  # of one core: above it the one-threaded client may be what limits the agents
 CLIENT_LAG_LIMIT_MS = 20.0  # p99 event-loop lag above which the client's own timing is suspect
+HANG_S = 60.0  # past the deadline and the worst backoff, agents still running are stuck: failed, daemon dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,9 +379,8 @@ class Agent:
                 await session.close()
 
 
-async def _sample_memory(k: Any, period_s: float, t0: float, stop: asyncio.Event) -> list[list[float]]:
-    """[t_s, data used, host used, resident sessions, swapped sessions] every period until stop."""
-    rows = []
+async def _sample_memory(k: Any, period_s: float, t0: float, stop: asyncio.Event, rows: list[list[float]]) -> None:
+    """Append [t_s, data used, host used, resident sessions, swapped sessions] every period until stop."""
     while not stop.is_set():
         st = await k.stat()
         seg = st["memory"]["segments"]
@@ -388,7 +389,6 @@ async def _sample_memory(k: Any, period_s: float, t0: float, stop: asyncio.Event
                      places.count("device"), places.count("host")])
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
-    return rows
 
 
 async def _loop_lag(period_s: float, stop: asyncio.Event) -> list[float]:
@@ -469,28 +469,35 @@ async def run_probe(path: str, mode: Mode, agents: int, w: Workload, seed: int) 
 
     ctl = await aio.connect(path, client="bench-signals")
     try:
-        await _warm_up(ctl, w)
+        await asyncio.wait_for(_warm_up(ctl, w), 4 * HANG_S)
         before = await _wait_idle(ctl)
         models = await ctl.syscall("models")
         vocab = next(m["vocab_size"] for m in models["models"] if m["name"] == models["default"])
         rng = random.Random(seed)
         arrivals = arrival_times(agents, w.arrival_rate, rng)
         kernels = await asyncio.gather(*(aio.connect(path, client="bench-agent") for _ in range(agents)))
-        log, arena_seen, stop = ProbeLog(agents), list[int](), asyncio.Event()
+        log, arena_seen, stop, rows = ProbeLog(agents), list[int](), asyncio.Event(), list[list[float]]()
         t0 = _now() + 0.01
         deadline = t0 + arrivals[-1] + w.duration_s
-        sampler = asyncio.create_task(_sample_memory(ctl, w.sample_s, t0, stop))
+        sampler = asyncio.create_task(_sample_memory(ctl, w.sample_s, t0, stop, rows))
         lag = asyncio.create_task(_loop_lag(0.01, stop))
         cpu0, dcpu0 = time.process_time(), _daemon_cpu_s(before["pid"])
-        await asyncio.gather(*(Agent(k, mode, w, log, random.Random(seed * 1_000_003 + i), min(vocab, 32000),
-                                     deadline, arena_seen).run(t0 + arrivals[i]) for i, k in enumerate(kernels)))
+        tasks = [asyncio.create_task(Agent(k, mode, w, log, random.Random(seed * 1_000_003 + i), min(vocab, 32000),
+                                           deadline, arena_seen).run(t0 + arrivals[i])) for i, k in enumerate(kernels)]
+        _, hung = await asyncio.wait(tasks, timeout=deadline - _now() + w.backoff.worst_s + HANG_S)
         wall_s = _now() - t0
         cpu_s, dcpu1 = time.process_time() - cpu0, _daemon_cpu_s(before["pid"])
-        stop.set()
-        rows, lags = await sampler, await lag
+        for task in hung:
+            task.cancel()
+            log.fail("TIMEOUT")
+            log.agent_done(math.inf, failed=True)
         for k in kernels:
             await k.close()
-        after = await ctl.stat()
+        stop.set()
+        lags = await lag
+        if (await asyncio.wait({sampler}, timeout=HANG_S))[1]:
+            sampler.cancel()
+        after = before if hung else await asyncio.wait_for(ctl.stat(), HANG_S)
     finally:
         await ctl.close()
     capacity = before["memory"]["segments"]["data"]["capacity_nbytes"]
@@ -500,6 +507,7 @@ async def run_probe(path: str, mode: Mode, agents: int, w: Workload, seed: int) 
         **summarize_probe(log, w.slo_p99_ms),
         "arena_nbytes": arena, "resident_capacity": capacity // arena if arena else None,
         "arrival_span_s": arrivals[-1], "wall_s": wall_s, "leftover_sessions": len(before["sessions"]),
+        "hung_agents": len(hung),
         "swap": delta, "bytes_paged_out": delta["out_bytes"], "bytes_paged_in": delta["in_bytes"],
         "worker_busy_frac": delta["worker_busy_s"] / wall_s,
         "memory": _memory_summary(rows, capacity),
@@ -627,6 +635,8 @@ class Run:
                     self._wakeup(path)
                 result = _run_async(run_probe(path, mode, n, self.w, self.s.seed + n))
             self._check_capacity(result)
+            if result["hung_agents"]:
+                daemons.release(self.flags[mode])
             probe = self.rec.record(kind="probe", mode=mode.name, model=self.s.model, agents=n,
                                     slo_p99_ms=self.w.slo_p99_ms, daemon_flags=list(self.flags[mode]),
                                     config=self.config, **result)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import cbor2
 
@@ -27,7 +27,7 @@ from .abi import DEFAULT_LIMITS, MAGIC, PROTOCOL_VERSION, Limits
 from .errors import E2BIG, EINVAL, EPROTO, KernelError
 
 __all__ = [
-    "ALIGN", "DTYPES", "FLAG_MORE", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES",
+    "ALIGN", "DTYPES", "FLAG_MORE", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES", "SEND_BUFFER_NBYTES",
     "Decoder", "Frame", "FrameTooLarge", "ProtocolError", "TensorEntry", "TensorSpec",
     "check_header", "encode_frame", "recv_frame", "send_frame", "tensor_table",
 ]
@@ -38,10 +38,16 @@ TensorEntry: TypeAlias = tuple[str, str, Sequence[int], Buffer]  # (name, dtype,
 
 PREFIX: Final = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, header nbytes, payload nbytes
 PREFIX_NBYTES: Final = PREFIX.size
+_pack_prefix: Final = PREFIX.pack
+_unpack_prefix_from: Final = PREFIX.unpack_from
 ALIGN: Final = 64  # every tensor segment starts at a multiple of this, counted from the payload start
 FLAG_MORE: Final = 0x01  # a streamed reply continues after this frame
 MAX_NDIM: Final = 64  # dimensions of one tensor; no model needs more
 STAGING_NBYTES: Final = 64 << 10  # what one read may take in before the frame's size is known
+# SO_SNDBUF that both ends ask for on a Unix socket: a 16 MiB tensor then crosses in a few
+# large steps instead of ~80 of the default 208 KiB, each a sleep and a wake-up of the reader.
+# The kernel caps it at net.core.wmem_max; it bounds memory in flight, it allocates nothing.
+SEND_BUFFER_NBYTES: Final = 4 << 20
 
 # dtype name -> item size in bytes. The names are torch's; the list is part of the wire.
 DTYPES: Final[Mapping[str, int]] = MappingProxyType({
@@ -97,12 +103,13 @@ class TensorSpec:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One decoded frame. `header` passed the envelope checks; `tensors` lie inside `payload`.
 
     `payload` is a writable view of the buffer the payload was received into (from
-    the decoder's `alloc_payload`); it belongs to whoever took the frame.
+    the decoder's `alloc_payload`); it belongs to whoever took the frame. A frame
+    is immutable like the frozen dataclasses elsewhere, but a NamedTuple: the decoder
+    makes one per frame, and a frozen dataclass costs three times as much to build.
     """
 
     flags: int
@@ -152,6 +159,26 @@ def check_header(
     Raises `error` for anything malformed and `too_big` when the table exceeds
     `limits.max_tensors`. The decoder passes ProtocolError; the encoder EINVAL / E2BIG.
     """
+    # Fast path for the usual frame, a well-formed request or successful reply
+    # without tensors: the same checks as below, in fewer steps. Anything else
+    # takes the full path, which finds the rule that was broken.
+    if type(header) is dict and "tensors" not in header:
+        rid = header.get("id")
+        if type(rid) is int and 0 <= rid <= _MAX_UINT64:
+            if "call" in header:
+                if (
+                    type(header["call"]) is str and type(header.get("args")) is dict
+                    and "ok" not in header and not flags & FLAG_MORE
+                ):
+                    return ()
+            elif header.get("ok") is True and "result" in header:
+                return ()
+    return _check_envelope(header, flags, payload_nbytes, limits, error, too_big)
+
+
+def _check_envelope(
+    header: Any, flags: int, payload_nbytes: int, limits: Limits, error: type[KernelError], too_big: type[KernelError]
+) -> tuple[TensorSpec, ...]:
     if type(header) is not dict:
         raise error(f"a header must be a CBOR map, got {type(header).__name__}")
     rid = header.get("id")
@@ -266,6 +293,9 @@ def encode_frame(
     """
     if flags & ~FLAG_MORE or flags < 0:
         raise EINVAL(f"unknown frame flags {flags:#x}; only FLAG_MORE ({FLAG_MORE:#x}) exists")
+    if "tensors" not in header and not buffers:  # the usual frame: a header and no payload
+        check_header(header if type(header) is dict else dict(header), flags, 0, limits, EINVAL, E2BIG)
+        return [_head(header, flags, 0, limits)]
     rows = header.get("tensors", ())
     try:
         payload_nbytes = max((row["offset"] + row["nbytes"] for row in rows), default=0)
@@ -279,17 +309,7 @@ def encode_frame(
         )
     if len(buffers) != len(specs):
         raise EINVAL(f"{len(buffers)} buffers for {len(specs)} tensor rows")
-    try:
-        encoded = cbor2.dumps(header)
-    except (cbor2.CBORError, TypeError, ValueError) as exc:
-        raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
-    if len(encoded) > limits.max_header_nbytes:
-        raise E2BIG(
-            f"CBOR header of {len(encoded)} bytes exceeds the {limits.max_header_nbytes}-byte limit; "
-            "send bulk data as tensors",
-            details={"limit": "max_header_nbytes", "value": len(encoded), "max": limits.max_header_nbytes},
-        )
-    parts: list[Part] = [PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), payload_nbytes) + encoded]
+    parts: list[Part] = [_head(header, flags, payload_nbytes, limits)]
     cursor = 0
     for spec, buf in sorted(zip(specs, buffers), key=lambda pair: pair[0].offset):
         view = _byte_view(buf)
@@ -306,6 +326,21 @@ def encode_frame(
         gap = payload_nbytes - cursor
         parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
     return parts
+
+
+def _head(header: Mapping[str, Any], flags: int, payload_nbytes: int, limits: Limits) -> bytes:
+    """The prefix and the CBOR header as one bytes object. Raises EINVAL or E2BIG."""
+    try:
+        encoded = cbor2.dumps(header)
+    except (cbor2.CBORError, TypeError, ValueError) as exc:
+        raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
+    if len(encoded) > limits.max_header_nbytes:
+        raise E2BIG(
+            f"CBOR header of {len(encoded)} bytes exceeds the {limits.max_header_nbytes}-byte limit; "
+            "send bulk data as tensors",
+            details={"limit": "max_header_nbytes", "value": len(encoded), "max": limits.max_header_nbytes},
+        )
+    return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), payload_nbytes) + encoded
 
 
 class _Rejected(Exception):
@@ -346,7 +381,7 @@ class Decoder:
 
     __slots__ = (
         "_limits", "_alloc", "_staging", "_start", "_end", "_phase", "_flags", "_header_nbytes",
-        "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor",
+        "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor", "_cbor_in",
     )
 
     def __init__(
@@ -373,8 +408,11 @@ class Decoder:
         self._target_pos = 0
         self._frames: deque[Frame] = deque()
         self._error: KernelError | None = None
+        # One CBOR decoder and one stream for the life of the Decoder: each header is
+        # copied into the stream, which is cheaper than a new stream per header.
+        self._cbor_in = io.BytesIO()
         self._cbor = cbor2.CBORDecoder(
-            io.BytesIO(),
+            self._cbor_in,
             max_depth=limits.max_cbor_depth,
             allow_duplicate_keys=False,
             strict_hashable_types=True,
@@ -387,9 +425,16 @@ class Decoder:
     def dead(self) -> bool:
         return self._error is not None
 
+    @property
+    def in_place(self) -> bool:
+        """True while `get_buffer` views the rest of one header or payload: a reader may wait
+        until that whole view is filled (MSG_WAITALL) without reading past the frame."""
+        return self._target is not None
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A non-empty writable view for the next bytes of the stream. Raises ProtocolError when dead."""
-        self._check_alive()
+        if self._error is not None:
+            self._check_alive()
         if self._target is not None:
             return self._target[self._target_pos :]
         return self._staging[self._end :]
@@ -400,18 +445,26 @@ class Decoder:
         Raises ProtocolError on malformed input. An exception from `alloc_payload`
         propagates unchanged; in every case the decoder is dead afterwards.
         """
-        self._check_alive()
-        room = len(self._target) - self._target_pos if self._target is not None else len(self._staging) - self._end
-        if not 0 <= nbytes <= room:
-            raise ValueError(f"buffer_updated({nbytes}) with {room} bytes of room")
+        if self._error is not None:
+            self._check_alive()
+        target = self._target
+        if target is None:
+            end = self._end + nbytes
+            if nbytes < 0 or end > len(self._staging):
+                raise ValueError(f"buffer_updated({nbytes}) with {len(self._staging) - self._end} bytes of room")
+            self._end = end
+        else:
+            pos = self._target_pos + nbytes
+            if nbytes < 0 or pos > len(target):
+                raise ValueError(f"buffer_updated({nbytes}) with {len(target) - self._target_pos} bytes of room")
+            self._target_pos = pos
+            if pos < len(target):
+                return
         try:
-            if self._target is None:
-                self._end += nbytes
+            if target is None:
                 self._parse_staged()
             else:
-                self._target_pos += nbytes
-                if self._target_pos == len(self._target):
-                    self._target_done()
+                self._target_done()
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -439,7 +492,8 @@ class Decoder:
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive. Raises ProtocolError when dead."""
-        self._check_alive()
+        if self._error is not None:
+            self._check_alive()
         return self._frames.popleft() if self._frames else None
 
     def _check_alive(self) -> None:
@@ -447,42 +501,57 @@ class Decoder:
             raise ProtocolError(f"the decoder is dead after an earlier error: {self._error.message}")
 
     def _parse_staged(self) -> None:
+        # The hot path: a small frame usually arrives whole in one read, and its
+        # prefix and header are parsed in one turn of this loop.
         buf = self._staging
+        start, end = self._start, self._end
+        limits = self._limits
         while True:
-            avail = self._end - self._start
+            avail = end - start
             if self._phase == _PREFIX_PHASE:
                 if avail < PREFIX_NBYTES:
-                    seen = bytes(buf[self._start : self._start + min(avail, len(MAGIC))])
-                    if not MAGIC.startswith(seen):
-                        raise _bad_magic(seen)
+                    if avail:
+                        seen = bytes(buf[start : start + min(avail, len(MAGIC))])
+                        if not MAGIC.startswith(seen):
+                            raise _bad_magic(seen)
                     break
-                self._read_prefix(buf[self._start : self._start + PREFIX_NBYTES])
-                self._start += PREFIX_NBYTES
-            elif self._phase == _HEADER_PHASE:
+                magic, version, flags, reserved, header_nbytes, payload_nbytes = _unpack_prefix_from(buf, start)
+                if (
+                    magic != MAGIC or version != PROTOCOL_VERSION or flags & ~FLAG_MORE or reserved
+                    or not 0 < header_nbytes <= limits.max_header_nbytes or payload_nbytes > limits.max_payload_nbytes
+                ):
+                    raise _bad_prefix(magic, version, flags, reserved, header_nbytes, payload_nbytes, limits)
+                self._flags = flags
+                self._header_nbytes = header_nbytes
+                self._payload_nbytes = payload_nbytes
+                self._phase = _HEADER_PHASE
+                start += PREFIX_NBYTES
+                avail -= PREFIX_NBYTES
+            if self._phase == _HEADER_PHASE:
                 n = self._header_nbytes
                 if avail < n:
                     self._target = memoryview(bytearray(n))
-                    self._target[:avail] = buf[self._start : self._end]
+                    self._target[:avail] = buf[start:end]
                     self._target_pos = avail
                     self._start = self._end = 0
                     return
-                self._read_header(buf[self._start : self._start + n])
-                self._start += n
+                self._read_header(buf[start : start + n])
+                start += n
             else:
                 payload = self._new_payload()
                 take = min(avail, self._payload_nbytes)
-                payload[:take] = buf[self._start : self._start + take]
-                self._start += take
+                payload[:take] = buf[start : start + take]
+                start += take
                 if take < self._payload_nbytes:
                     self._target = payload
                     self._target_pos = take
                     self._start = self._end = 0
                     return
                 self._finish(payload)
-        left = self._end - self._start
-        if self._start:
-            buf[:left] = buf[self._start : self._end]
-            self._start, self._end = 0, left
+        left = end - start
+        if left and start:
+            buf[:left] = buf[start:end]
+        self._start, self._end = 0, left
 
     def _target_done(self) -> None:
         target, self._target = self._target, None
@@ -495,53 +564,26 @@ class Decoder:
         else:
             self._finish(target)
 
-    def _read_prefix(self, view: memoryview) -> None:
-        magic, version, flags, reserved, header_nbytes, payload_nbytes = PREFIX.unpack(view)
-        limits = self._limits
-        if magic != MAGIC:
-            raise _bad_magic(magic)
-        if version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"the peer speaks protocol version {version}, this end speaks version {PROTOCOL_VERSION}",
-                details={"peer_version": version, "version": PROTOCOL_VERSION},
-            )
-        if flags & ~FLAG_MORE:
-            raise ProtocolError(f"unknown frame flags {flags:#04x}; only MORE ({FLAG_MORE:#04x}) exists")
-        if reserved:
-            raise ProtocolError(f"reserved prefix field is {reserved:#06x}, must be 0")
-        if header_nbytes == 0:
-            raise ProtocolError("header length is 0; a header is one CBOR map")
-        if header_nbytes > limits.max_header_nbytes:
-            raise FrameTooLarge(
-                f"header of {header_nbytes} bytes exceeds the {limits.max_header_nbytes}-byte limit",
-                details={"limit": "max_header_nbytes", "value": header_nbytes, "max": limits.max_header_nbytes},
-            )
-        if payload_nbytes > limits.max_payload_nbytes:
-            raise FrameTooLarge(
-                f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit",
-                details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
-            )
-        self._flags = flags
-        self._header_nbytes = header_nbytes
-        self._payload_nbytes = payload_nbytes
-        self._phase = _HEADER_PHASE
-
     def _read_header(self, view: memoryview) -> None:
-        data = bytes(view)
-        stream = io.BytesIO(data)
-        self._cbor.fp = stream
+        stream = self._cbor_in
+        stream.seek(0)
+        stream.write(view)
+        stream.truncate()  # the CBOR decoder must hit the end here, not stale bytes of a longer header
+        stream.seek(0)
         try:
             header = self._cbor.decode()
         except Exception as exc:
             raise ProtocolError(f"the header is not acceptable CBOR: {exc.__cause__ or exc}") from None
-        if stream.tell() != len(data):
-            raise ProtocolError(f"{len(data) - stream.tell()} bytes follow the header's CBOR map inside its declared length")
-        self._specs = check_header(header, self._flags, self._payload_nbytes, self._limits)
-        self._header = header
+        if stream.tell() != len(view):
+            raise ProtocolError(f"{len(view) - stream.tell()} bytes follow the header's CBOR map inside its declared length")
+        specs = check_header(header, self._flags, self._payload_nbytes, self._limits)
         if self._payload_nbytes:
+            self._header = header
+            self._specs = specs
             self._phase = _PAYLOAD_PHASE
         else:
-            self._finish(_EMPTY)
+            self._frames.append(Frame(self._flags, header, _EMPTY, specs))
+            self._phase = _PREFIX_PHASE
 
     def _new_payload(self) -> memoryview:
         n = self._payload_nbytes
@@ -560,6 +602,34 @@ class Decoder:
         self._header = None
         self._specs = ()
         self._phase = _PREFIX_PHASE
+
+
+def _bad_prefix(
+    magic: bytes, version: int, flags: int, reserved: int, header_nbytes: int, payload_nbytes: int, limits: Limits
+) -> ProtocolError:
+    """The error for a prefix that breaks a rule; the checks run in the order PROTOCOL.md lists the fields."""
+    if magic != MAGIC:
+        return _bad_magic(magic)
+    if version != PROTOCOL_VERSION:
+        return ProtocolError(
+            f"the peer speaks protocol version {version}, this end speaks version {PROTOCOL_VERSION}",
+            details={"peer_version": version, "version": PROTOCOL_VERSION},
+        )
+    if flags & ~FLAG_MORE:
+        return ProtocolError(f"unknown frame flags {flags:#04x}; only MORE ({FLAG_MORE:#04x}) exists")
+    if reserved:
+        return ProtocolError(f"reserved prefix field is {reserved:#06x}, must be 0")
+    if header_nbytes == 0:
+        return ProtocolError("header length is 0; a header is one CBOR map")
+    if header_nbytes > limits.max_header_nbytes:
+        return FrameTooLarge(
+            f"header of {header_nbytes} bytes exceeds the {limits.max_header_nbytes}-byte limit",
+            details={"limit": "max_header_nbytes", "value": header_nbytes, "max": limits.max_header_nbytes},
+        )
+    return FrameTooLarge(
+        f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit",
+        details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
+    )
 
 
 def recv_frame(sock: socket.socket, decoder: Decoder) -> Frame:

@@ -3,6 +3,10 @@
 Rules:
 - Lookup, argument validation and the ownership check happen here, once, for
   every syscall; handlers receive clean arguments and a resolved Session.
+- A handler's kind says how it runs. A coroutine (or async generator) runs in a
+  task of its own (`dispatch`). A plain function is a control syscall that never
+  waits: it runs at once, inside the protocol callback that read its frame
+  (`dispatch_now`), with no task. Plain handlers take no session and touch no device.
 - Requests of one session run in arrival order (the session's lock, FIFO);
   requests of different sessions, and control syscalls, interleave freely.
 - Every outcome is a reply: a KernelError becomes its errno, anything else is a
@@ -12,10 +16,10 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from djinn.syscalls.schema import validate
 from djinn.syscalls.table import TABLE
@@ -26,9 +30,23 @@ from .sessions import InvalidTransition
 if TYPE_CHECKING:
     from .core import Kernel
 
-__all__ = ["Call", "Peer", "dispatch"]
+__all__ = ["ASYNC_CALLS", "Call", "Peer", "dispatch", "dispatch_now"]
 
 log = logging.getLogger("djinn.dispatch")
+_now = time.perf_counter
+
+# Syscalls whose handler awaits: each runs in a task. Every other name, unknown
+# ones included, is answered by dispatch_now without a task.
+ASYNC_CALLS: frozenset[str] = frozenset(
+    name for name, row in TABLE.items()
+    if inspect.iscoroutinefunction(row.handler) or inspect.isasyncgenfunction(row.handler)
+)
+
+# For syscalls without required arguments: the arguments validate() makes of an
+# empty map, so that a call with no arguments skips the validator.
+_NO_ARGS: dict[str, dict[str, Any]] = {
+    name: {a.name: a.default for a in row.args} for name, row in TABLE.items() if not any(a.required for a in row.args)
+}
 
 
 class Peer(Protocol):
@@ -45,9 +63,12 @@ class Peer(Protocol):
     async def drain(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """The context of one request, handed to its handler."""
+class Call(NamedTuple):
+    """The context of one request, handed to its handler.
+
+    Immutable; a NamedTuple rather than a frozen dataclass because one is made per
+    request and a frozen dataclass costs three times as much to build.
+    """
 
     id: int
     name: str
@@ -63,25 +84,55 @@ class Call:
         return self.peer.pid
 
 
+def _prepare(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> tuple[Any, Call, dict[str, Any]]:
+    """Look the syscall up, check the caller may make it, validate its arguments. Raises KernelError."""
+    row = TABLE.get(name) if type(name) is str else None
+    if row is None:
+        raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
+    if not peer.authed and "preauth" not in row.flags:
+        if peer.uid is None:
+            raise EACCES(f"{name}: authenticate first with hello and the daemon's token")
+        raise EPROTO(f"{name}: the first request on a connection must be hello")
+    if not raw_args and (raw_args is None or type(raw_args) is dict) and name in _NO_ARGS:
+        args = dict(_NO_ARGS[name])
+    else:
+        args = validate(name, row.args, {} if raw_args is None else raw_args)
+    if kernel.shutting_down and name != "hello":
+        kernel.refuse_new_work(name)
+    return row, Call(rid, name, peer), args
+
+
+def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> None:
+    """Answer a request whose handler is a plain function (a name not in ASYNC_CALLS), before returning.
+
+    Never raises. Runs on the loop thread; the handler must not block.
+    """
+    t0 = _now()
+    ok = False
+    try:
+        row, call, args = _prepare(kernel, peer, rid, name, raw_args)
+        result = row.handler(kernel, call, **args)
+        peer.reply(rid, {} if result is None else result)
+        ok = True
+    except KernelError as err:
+        peer.reply_error(rid, err)
+    except InvalidTransition as exc:
+        kernel.quarantine(exc)
+        peer.reply_error(rid, EIO(f"{name}: internal state error; the session was closed: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - a bug in a handler must not take the daemon down
+        log.exception("syscall %s failed with an unexpected error", name)
+        peer.reply_error(rid, EIO(f"{name}: internal error ({type(exc).__name__}: {exc})"))
+    finally:
+        kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, ok)
+
+
 async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> None:
     """Run one request to completion and send its reply (or replies). Never raises but CancelledError."""
-    t0 = time.perf_counter()
+    t0 = _now()
     ok = False
     label = name if isinstance(name, str) and name in TABLE else "<unknown>"
     try:
-        row = TABLE.get(name) if isinstance(name, str) else None
-        if row is None:
-            raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
-        if not peer.authed and "preauth" not in row.flags:
-            if peer.uid is None:
-                raise EACCES(f"{name}: authenticate first with hello and the daemon's token")
-            raise EPROTO(f"{name}: the first request on a connection must be hello")
-        if raw_args is None:
-            raw_args = {}
-        args = validate(name, row.args, raw_args)
-        call = Call(rid, name, peer)
-        if kernel.shutting_down and name != "hello":
-            kernel.refuse_new_work(name)
+        row, call, args = _prepare(kernel, peer, rid, name, raw_args)
         if "session" in row.flags:
             session = kernel.sessions.get(args["session"], call.uid)
             args["session"] = session
@@ -104,7 +155,7 @@ async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: An
         log.exception("syscall %s failed with an unexpected error", name)
         peer.reply_error(rid, EIO(f"{name}: internal error ({type(exc).__name__}: {exc})"))
     finally:
-        kernel.stats.record(label, time.perf_counter() - t0, ok)
+        kernel.stats.record(label, _now() - t0, ok)
 
 
 async def _run(row: Any, kernel: Kernel, call: Call, args: dict[str, Any], peer: Peer, rid: int) -> None:
@@ -134,5 +185,7 @@ def _merge_stream(items: list[Any]) -> Any:
     if all(isinstance(i, dict) and "token" in i for i in items):
         last["tokens"] = [i["token"] for i in items]
         last.pop("token", None)
+        if all("text" in i for i in items):
+            last["text"] = "".join(i["text"] for i in items)
     return last
 

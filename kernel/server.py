@@ -2,9 +2,12 @@
 
 Rules:
 - Bytes go straight from the socket into the decoder's preallocated buffers
-  (`asyncio.BufferedProtocol`); replies leave through `writelines` of memoryviews.
-- `buffer_updated` only feeds the decoder and starts one task per whole frame;
-  it never waits. Too many requests in flight pause reading (backpressure).
+  (`asyncio.BufferedProtocol`); large payloads land in buffers from the payload
+  pool. Replies leave through `write` / `writelines` of bytes and memoryviews.
+- `buffer_updated` feeds the decoder and hands each whole frame to the
+  dispatcher: a control syscall (plain handler) is answered there and then, any
+  other starts one task. It never waits. Replies made while one read is parsed
+  leave in one write. Too many tasks in flight pause reading (backpressure).
 - A protocol error answers EPROTO (request id 0) and closes that connection
   only. Every other connection carries on.
 - The Unix socket is 0660. An existing socket file is replaced only after a test
@@ -23,10 +26,10 @@ import stat as stat_mod
 import struct
 from typing import TYPE_CHECKING, Any
 
-from .codec import FLAG_MORE, Decoder, ProtocolError
-from .dispatch import dispatch
+from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
+from .dispatch import ASYNC_CALLS, dispatch, dispatch_now
 from .errors import EPROTO, KernelError
-from .tensors import encode_message, unpack
+from .tensors import PAYLOAD_POOL, encode_message, unpack
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -50,8 +53,10 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.close_after_reply = False
         self.transport: asyncio.Transport | None = None
-        self.decoder = Decoder(kernel.limits, alloc_payload=kernel.alloc_payload)
+        self.decoder = Decoder(kernel.limits, alloc_payload=kernel.alloc_payload or PAYLOAD_POOL)
         self.tasks: set[asyncio.Task[None]] = set()
+        self._corking = False  # inside buffer_updated: replies wait in _corked and leave together at its end
+        self._corked: list[Part] = []
         self._reading_paused = False
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -64,6 +69,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.kind == "unix" and sock is not None:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             self.pid, self.uid, _gid = struct.unpack("3i", raw)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_NBYTES)
         self.kernel.connections.add(self)
         log.debug("connection %d (%s) from uid=%s pid=%s", self.id, self.kind, self.uid, self.pid)
 
@@ -71,12 +77,17 @@ class Connection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._corking = True
         try:
             self.decoder.buffer_updated(nbytes)
             while (frame := self.decoder.next_frame()) is not None:
                 self._start(frame)
-        except ProtocolError as err:
+        except KernelError as err:  # ProtocolError from the decoder, EPROTO from _start
             self.protocol_error(err)
+        finally:
+            self._corking = False
+            if self._corked:
+                self._flush()
 
     def eof_received(self) -> bool:
         return False
@@ -99,18 +110,24 @@ class Connection(asyncio.BufferedProtocol):
     # -- requests ------------------------------------------------------------------
 
     def _start(self, frame: Any) -> None:
+        # The decoder checked the envelope: a frame with 'call' has an unsigned id,
+        # a text call and map args. A frame without one is a reply, which no client sends.
         header = frame.header
-        rid = header.get("id")
-        if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
-            raise EPROTO(f"request id must be a non-negative integer, got {rid!r}")
-        if "call" not in header:
+        name = header.get("call")
+        if name is None:
             raise EPROTO("a request header needs a 'call' field")
-        try:
-            args = unpack(header.get("args"), frame)
-        except KernelError as err:
-            self.reply_error(rid, err)
+        rid = header["id"]
+        args = header["args"]
+        if args or frame.tensors:
+            try:
+                args = unpack(args, frame)
+            except KernelError as err:
+                self.reply_error(rid, err)
+                return
+        if name not in ASYNC_CALLS:
+            dispatch_now(self.kernel, self, rid, name, args)
             return
-        task = asyncio.get_running_loop().create_task(dispatch(self.kernel, self, rid, header["call"], args))
+        task = asyncio.get_running_loop().create_task(dispatch(self.kernel, self, rid, name, args))
         self.tasks.add(task)
         task.add_done_callback(self._done)
         if len(self.tasks) >= self.kernel.limits.max_inflight and not self._reading_paused and self.transport:
@@ -152,13 +169,31 @@ class Connection(asyncio.BufferedProtocol):
                 raise
             parts = encode_message({"id": header["id"], "ok": False, "error": err.to_wire()},
                                    limits=self.kernel.limits)
-        self.transport.writelines(parts)
+        if self._corking:
+            self._corked += parts
+        else:
+            self._write(parts)
+
+    def _flush(self) -> None:
+        parts, self._corked = self._corked, []
+        if parts and self.transport is not None and not self.transport.is_closing():
+            self._write(parts)
+
+    def _write(self, parts: list[Part]) -> None:
+        assert self.transport is not None
+        if len(parts) == 1:
+            self.transport.write(parts[0])  # write() sends at once; writelines() waits for the loop's next turn
+        elif all(type(part) is bytes for part in parts):
+            self.transport.write(b"".join(parts))  # small replies from one read: one send
+        else:
+            self.transport.writelines(parts)  # tensors: scatter-gather from their memory
 
     async def drain(self) -> None:
         await self._can_write.wait()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self._flush()
             self.transport.close()
         self.closed = True
 

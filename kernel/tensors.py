@@ -10,6 +10,9 @@ round-trips bit for bit. The map key "$tensor" is reserved for references.
 from __future__ import annotations
 
 import numbers
+import threading
+import weakref
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -21,6 +24,8 @@ from .errors import EINVAL, EPROTO
 
 __all__ = [
     "DTYPE_TO_TORCH",
+    "PAYLOAD_POOL",
+    "PayloadPool",
     "TENSOR_KEY",
     "TORCH_TO_DTYPE",
     "dtype_name",
@@ -149,6 +154,79 @@ def pack(obj: Any, *, max_depth: int = DEFAULT_LIMITS.max_cbor_depth, depth: int
     return packer.walk(obj, depth), packer.entries
 
 
+class PayloadPool:
+    """Payload buffers for `codec.Decoder(alloc_payload=...)`: never zero-filled, reused once free.
+
+    Rules: a payload under `min_nbytes` gets a plain bytearray. A larger one gets a
+    numpy view of `torch.empty` storage: 64-byte aligned and not zero-filled (the
+    decoder writes every byte before it hands the frame out). When that view dies,
+    which is when the frame and every tensor unpacked from it are gone, its storage
+    goes back to the pool and serves a later payload of about the same size, so a
+    stream of large frames reuses pages that are already mapped instead of faulting
+    in fresh ones. Idle storage is trimmed to `max_idle_nbytes` on the next call.
+    Thread-safe: a frame may die on any thread (the device worker, a client's caller).
+    """
+
+    def __init__(self, min_nbytes: int = 64 << 10, max_idle_nbytes: int = 128 << 20) -> None:
+        self.min_nbytes = min_nbytes
+        self.max_idle_nbytes = max_idle_nbytes
+        self._lock = threading.Lock()
+        self._idle: list[torch.Tensor] = []  # guarded by _lock: storage no frame uses, oldest first
+        self._idle_nbytes = 0  # guarded by _lock
+        # Storage whose view died. Appended from any thread without a lock (deque.append
+        # is atomic): the finalizer may run while this thread holds _lock, inside a GC pass.
+        self._returned: deque[torch.Tensor] = deque()
+        self.allocated = 0  # fresh storages made (statistics; guarded by _lock)
+        self.reused = 0  # payloads served from idle storage (guarded by _lock)
+
+    def __call__(self, nbytes: int) -> Any:
+        """A writable, 64-byte-aligned buffer of at least `nbytes` bytes; its first bytes are not zeroed."""
+        if nbytes < self.min_nbytes:
+            return bytearray(nbytes)
+        storage = self._take(nbytes)
+        if storage is None:
+            storage = torch.empty(-(-nbytes // self.min_nbytes) * self.min_nbytes, dtype=torch.uint8)
+        view = storage[:nbytes].numpy()
+        weakref.finalize(view, self._returned.append, storage).atexit = False
+        return view
+
+    @property
+    def idle_nbytes(self) -> int:
+        with self._lock:
+            self._collect()
+            return self._idle_nbytes
+
+    def _take(self, nbytes: int) -> torch.Tensor | None:
+        with self._lock:
+            self._collect()
+            best = None
+            for i, storage in enumerate(self._idle):  # best fit, but never more than twice the size asked
+                size = storage.numel()
+                if nbytes <= size <= 2 * nbytes and (best is None or size < self._idle[best].numel()):
+                    best = i
+            if best is None:
+                self.allocated += 1
+                return None
+            self.reused += 1
+            storage = self._idle.pop(best)
+            self._idle_nbytes -= storage.numel()
+            return storage
+
+    def _collect(self) -> None:
+        """Move returned storage to the idle list, dropping the oldest beyond the limit. Holds _lock."""
+        while self._returned:
+            storage = self._returned.popleft()
+            self._idle.append(storage)
+            self._idle_nbytes += storage.numel()
+        while self._idle_nbytes > self.max_idle_nbytes:
+            self._idle_nbytes -= self._idle.pop(0).numel()
+
+
+# The process's pool: the daemon's connections and the clients share it, so one
+# limit bounds the idle memory of all of them.
+PAYLOAD_POOL: Final = PayloadPool()
+
+
 def _tensor_view(frame: Frame, spec: TensorSpec) -> torch.Tensor:
     dtype = DTYPE_TO_TORCH.get(spec.dtype)
     if dtype is None:
@@ -163,36 +241,91 @@ def _tensor_view(frame: Frame, spec: TensorSpec) -> torch.Tensor:
     return raw.view(dtype).view(spec.shape)
 
 
+def _has_reference(obj: Any) -> bool:
+    kind = type(obj)
+    if kind is dict:
+        if TENSOR_KEY in obj:
+            return True
+        return any(_has_reference(v) for v in obj.values() if type(v) is dict or type(v) is list)
+    if kind is list:
+        return any(_has_reference(v) for v in obj if type(v) is dict or type(v) is list)
+    return False
+
+
 def unpack(obj: Any, frame: Frame) -> Any:
     """Replace each {"$tensor": name} in `obj` by a tensor viewing `frame.payload`.
 
     The tensors share the payload's memory (a copy is made only where the payload
     buffer is misaligned for the dtype); one name always gives the same tensor
-    object. Raises EPROTO for a malformed reference or a name not in the table.
+    object. A frame without tensors gives `obj` back itself, not a copy. Raises
+    EPROTO for a malformed reference or a name not in the table.
     """
-    specs = {spec.name: spec for spec in frame.tensors}
-    made: dict[str, torch.Tensor] = {}
+    if not frame.tensors and not _has_reference(obj):
+        return obj
+    return _Unpacker(frame).walk(obj)
 
-    def walk(item: Any) -> Any:
+
+class _Unpacker:
+    # A class, not a closure: a recursive closure is a reference cycle that would keep
+    # the tensors it made, and so the payload buffer, alive until the next GC pass.
+    __slots__ = ("frame", "specs", "made")
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self.specs = {spec.name: spec for spec in frame.tensors}
+        self.made: dict[str, torch.Tensor] = {}
+
+    def walk(self, item: Any) -> Any:
         kind = type(item)
         if kind is dict:
             if TENSOR_KEY in item:
                 name = item[TENSOR_KEY]
                 if len(item) != 1 or type(name) is not str:
                     raise EPROTO(f"a tensor reference must be exactly {{{TENSOR_KEY!r}: name}}, got {item!r:.200}")
-                tensor = made.get(name)
+                tensor = self.made.get(name)
                 if tensor is None:
-                    spec = specs.get(name)
+                    spec = self.specs.get(name)
                     if spec is None:
                         raise EPROTO(f"tensor reference {name!r:.100} names no row of the frame's tensor table")
-                    tensor = made[name] = _tensor_view(frame, spec)
+                    tensor = self.made[name] = _tensor_view(self.frame, spec)
                 return tensor
-            return {key: walk(value) for key, value in item.items()}
+            return {key: self.walk(value) for key, value in item.items()}
         if kind is list:
-            return [walk(value) for value in item]
+            return [self.walk(value) for value in item]
         return item
 
-    return walk(obj)
+
+def _plain(obj: dict[Any, Any] | list[Any], depth: int, max_depth: int) -> bool:
+    """True when `obj` can be encoded as it is: exact str/int/float/bool/None/bytes
+    leaves, text keys other than "$tensor", dicts and lists only, `max_depth` deep at
+    most, 64-bit integers. False means `pack` must rewrite it or reject it (a tensor,
+    a tuple, an enum, a numpy scalar, a bad key or integer).
+    """
+    if depth > max_depth:
+        return False
+    if type(obj) is dict:
+        for key in obj:
+            if type(key) is not str or key == TENSOR_KEY:
+                return False
+        values: Any = obj.values()
+    else:
+        values = obj
+    for value in values:
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is int:
+            if not _MIN_INT <= value <= _MAX_INT:
+                return False
+        elif kind is dict or kind is list:
+            if value:
+                if not _plain(value, depth + 1, max_depth):
+                    return False
+            elif depth >= max_depth:
+                return False
+        else:
+            return False
+    return True
 
 
 def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits = DEFAULT_LIMITS) -> list[Part]:
@@ -203,6 +336,8 @@ def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits 
     """
     if "tensors" in header:
         raise EINVAL("encode_message builds 'tensors' itself; pass a header without it")
+    if type(header) is dict and _plain(header, 1, limits.max_cbor_depth):
+        return encode_frame(header, (), flags, limits=limits)
     packed, entries = pack(header, max_depth=limits.max_cbor_depth)
     if not entries:
         return encode_frame(packed, (), flags, limits=limits)

@@ -1,4 +1,4 @@
-"""Handlers: load_model, unload_model, models."""
+"""Handlers: load_model, unload_model, models (a plain function: answered inline on the loop)."""
 
 from __future__ import annotations
 
@@ -15,5 +15,5 @@ async def unload_model(k: Any, call: Any, *, name: str) -> dict[str, Any]:
     return {"unloaded": name}
 
 
-async def models(k: Any, call: Any) -> dict[str, Any]:
+def models(k: Any, call: Any) -> dict[str, Any]:
     return {"models": k.models.snapshot(), "default": k.models.default_name}

@@ -1,4 +1,8 @@
-"""Handlers: hello, nop, echo, open_session, close_session."""
+"""Handlers: hello, nop, echo, open_session, close_session.
+
+hello, nop and echo are plain functions: they never wait, so the dispatcher answers
+them inline on the loop, without a task (kernel/dispatch.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from djinn.kernel import abi
 from djinn.kernel.errors import EACCES, EPROTO
 
 
-async def hello(k: Any, call: Any, *, protocol: int, client: str, token: str | None) -> dict[str, Any]:
+def hello(k: Any, call: Any, *, protocol: int, client: str, token: str | None) -> dict[str, Any]:
     peer = call.peer
     if protocol != abi.PROTOCOL_VERSION:
         peer.close_after_reply = True
@@ -29,11 +33,11 @@ async def hello(k: Any, call: Any, *, protocol: int, client: str, token: str | N
                 "max_tensors": k.limits.max_tensors, "max_inflight": k.limits.max_inflight}}
 
 
-async def nop(k: Any, call: Any) -> dict[str, Any]:
+def nop(k: Any, call: Any) -> dict[str, Any]:
     return {}
 
 
-async def echo(k: Any, call: Any, *, data: Any) -> dict[str, Any]:
+def echo(k: Any, call: Any, *, data: Any) -> dict[str, Any]:
     return {"data": data}
 
 

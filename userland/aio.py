@@ -15,7 +15,7 @@ from djinn.kernel import abi
 from djinn.kernel.codec import Decoder, ProtocolError
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import encode_message, unpack
+from djinn.kernel.tensors import PAYLOAD_POOL, encode_message, unpack
 
 from .session import Result, result_from_reply
 
@@ -24,7 +24,7 @@ __all__ = ["AsyncKernel", "AsyncSession", "connect"]
 
 class _Protocol(asyncio.BufferedProtocol):
     def __init__(self) -> None:
-        self.decoder = Decoder()
+        self.decoder = Decoder(alloc_payload=PAYLOAD_POOL)
         self.waiters: dict[int, asyncio.Queue[Any]] = {}
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
@@ -73,7 +73,11 @@ class AsyncKernel:
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._proto.waiters[rid] = q
-        self._transport.writelines(encode_message({"id": rid, "call": name, "args": args}))
+        parts = encode_message({"id": rid, "call": name, "args": args})
+        if len(parts) == 1:
+            self._transport.write(parts[0])  # sent at once; writelines() would wait for the loop's next turn
+        else:
+            self._transport.writelines(parts)
         return rid, q
 
     @staticmethod

@@ -4,7 +4,9 @@ Rules:
 - One socket per Kernel. Several threads may share it: sends are serialised,
   and whichever thread is reading hands frames for other request ids to their
   owners, so replies may arrive in any order.
-- Replies are received straight into the decoder's buffers (`recv_into`).
+- Replies are received straight into the decoder's buffers (`recv_into`); a
+  large payload lands in a buffer from the payload pool, which the returned
+  tensors view. Large requests leave by scatter-gather from the tensors' memory.
 - A reply's error is raised as the same KernelError subclass the kernel meant.
 """
 
@@ -18,16 +20,15 @@ import threading
 from typing import Any, Iterator
 
 from djinn.kernel import abi
-from djinn.kernel.codec import Decoder
+from djinn.kernel.codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, send_frame
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import encode_message, unpack
+from djinn.kernel.tensors import PAYLOAD_POOL, encode_message, unpack
 
 from .session import Checkpoint, Session
 
 __all__ = ["Kernel", "connect", "syscall", "default_kernel"]
 
-_RECV_CHUNK = 1 << 20
 _SMALL_FRAME = 64 << 10  # below this, one joined sendall beats a scatter-gather send
 
 
@@ -39,6 +40,7 @@ def _open_socket(path: str | None, tcp: str | None) -> socket.socket:
         return sock
     target = path or default_socket_path(for_client=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_NBYTES)
     try:
         sock.connect(target)
     except (FileNotFoundError, ConnectionRefusedError) as e:
@@ -54,12 +56,14 @@ class Kernel:
     def __init__(self, path: str | None = None, *, tcp: str | None = None, token: str | None = None,
                  client: str = "djinn-python") -> None:
         self._sock = _open_socket(path, tcp or os.environ.get("DJINN_TCP"))
-        self._decoder = Decoder()
+        self._decoder = Decoder(alloc_payload=PAYLOAD_POOL)  # used only by the thread that holds _reading
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._reading = False
-        self._inbox: dict[int, collections.deque[Any]] = {}
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._reading = False  # guarded by _lock: a thread is reading the socket
+        self._waiting = 0  # guarded by _lock: threads asleep in _cv.wait()
+        self._inbox: dict[int, collections.deque[Any]] = {}  # guarded by _lock: request id -> frames not yet taken
         self._closed = False
         args: dict[str, Any] = {"protocol": abi.PROTOCOL_VERSION, "client": client}
         token = token or os.environ.get("DJINN_TOKEN")
@@ -72,90 +76,134 @@ class Kernel:
     def submit(self, name: str, /, **args: Any) -> int:
         """Send a request without waiting; returns its id for `result(id)`."""
         rid = next(self._ids)
-        frames = encode_message({"id": rid, "call": name, "args": args})
-        with self._cv:
+        parts = encode_message({"id": rid, "call": name, "args": args})
+        with self._lock:
             self._inbox[rid] = collections.deque()
         with self._send_lock:
-            if sum(len(f) for f in frames) <= _SMALL_FRAME:
-                self._sock.sendall(b"".join(frames))
-            else:
-                self._sendmsg(frames)
+            self._send(parts)
         return rid
 
-    def _sendmsg(self, frames: list[Any]) -> None:
-        views = [memoryview(f).cast("B") for f in frames]
-        while views:
-            sent = self._sock.sendmsg(views[:512])
-            while sent and views:
-                n = len(views[0])
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+    def _send(self, parts: list[Any]) -> None:
+        """Write one or more frames' parts. Holds _send_lock."""
+        if len(parts) == 1:
+            self._sock.sendall(parts[0])
+        elif sum(len(p) for p in parts) <= _SMALL_FRAME:
+            self._sock.sendall(b"".join(parts))
+        else:
+            send_frame(self._sock, parts)  # scatter-gather straight from the tensors' memory
 
     def _next_frame_for(self, rid: int) -> Any:
-        """Block until a frame for request `rid` arrives; frames for other ids go to their inboxes."""
-        while True:
-            with self._cv:
+        """Block until a frame for request `rid` arrives; frames for other ids go to their inboxes.
+
+        One thread at a time reads the socket; the others sleep until their frame
+        is in their inbox or the reader's chair is free.
+        """
+        cv = self._cv
+        with self._lock:
+            while True:
                 box = self._inbox.get(rid)
                 if box is None:
                     raise KeyError(f"request {rid} is not outstanding")
                 if box:
                     return box.popleft()
-                if self._reading:
-                    self._cv.wait()
-                    continue
-                self._reading = True
-            try:
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._waiting += 1
+                try:
+                    cv.wait()
+                finally:
+                    self._waiting -= 1
+        try:
+            while True:
                 frame = self._read_frame()
-            finally:
-                with self._cv:
-                    self._reading = False
+                if frame.header["id"] == rid:
+                    return frame
+                self._route(frame)
+        finally:
+            with self._lock:
+                self._reading = False
+                if self._waiting:
+                    cv.notify_all()
+
+    def _route(self, frame: Any) -> None:
+        """Hand a frame read for another request to its inbox. Raises the error of an id-0 error frame."""
+        fid = frame.header["id"]
+        with self._lock:
+            target = self._inbox.get(fid)
+            if target is not None:
+                target.append(frame)
+                if self._waiting:
                     self._cv.notify_all()
-            fid = frame.header.get("id")
-            with self._cv:
-                target = self._inbox.get(fid)
-                if target is None and fid == 0 and not frame.header.get("ok", True):
-                    raise from_wire(frame.header.get("error"))
-                if target is not None:
-                    target.append(frame)
-                self._cv.notify_all()
+                return
+        if fid == 0 and not frame.header.get("ok", True):
+            raise from_wire(frame.header.get("error"))
 
     def _read_frame(self) -> Any:
+        decoder = self._decoder
         while True:
-            frame = self._decoder.next_frame()
+            frame = decoder.next_frame()
             if frame is not None:
                 return frame
-            buf = self._decoder.get_buffer(_RECV_CHUNK)
-            n = self._sock.recv_into(buf)
+            # A payload is received straight into its buffer, and in one call: the
+            # view ends where the frame's payload does, so waiting for all of it is safe.
+            n = self._sock.recv_into(decoder.get_buffer(), 0, socket.MSG_WAITALL if decoder.in_place else 0)
             if n == 0:
                 self._closed = True
                 raise ConnectionError("djinnd closed the connection")
-            self._decoder.buffer_updated(n)
+            decoder.buffer_updated(n)
 
     def _decode(self, frame: Any) -> Any:
         h = frame.header
-        if not h.get("ok", False):
+        if h.get("ok") is not True:
             raise from_wire(h.get("error"))
-        return unpack(h.get("result"), frame)
+        return unpack(h["result"], frame)
 
     def result(self, rid: int) -> Any:
         """The reply to request `rid` (all frames gathered for a streamed one: the final frame's result)."""
         try:
             while True:
                 frame = self._next_frame_for(rid)
-                if not frame.more:
+                if not frame.flags & FLAG_MORE:
                     return self._decode(frame)
                 self._decode(frame)
         finally:
-            with self._cv:
+            with self._lock:
                 self._inbox.pop(rid, None)
 
     def syscall(self, name: str, /, **args: Any) -> Any:
         """Make one syscall and return its decoded result. Raises djinn.errors.* on failure."""
-        return self.result(self.submit(name, **args))
+        rid = next(self._ids)
+        parts = encode_message({"id": rid, "call": name, "args": args})
+        with self._lock:
+            reader = not self._reading
+            if reader:
+                self._reading = True
+            else:  # another thread reads: wait for an inbox like submit() does
+                self._inbox[rid] = collections.deque()
+        if not reader:
+            with self._send_lock:
+                self._send(parts)
+            return self.result(rid)
+        # The usual case: no thread is reading, so this one reads its own reply
+        # directly, with no inbox, routing any frame for another request to its inbox.
+        try:
+            with self._send_lock:
+                self._send(parts)
+            while True:
+                frame = self._read_frame()
+                if frame.header["id"] != rid:
+                    self._route(frame)
+                elif frame.flags & FLAG_MORE:
+                    self._decode(frame)
+                else:
+                    break
+        finally:
+            with self._lock:
+                self._reading = False
+                if self._waiting:
+                    self._cv.notify_all()
+        return self._decode(frame)
 
     def stream(self, name: str, /, **args: Any) -> Iterator[Any]:
         """A streamed syscall: yields each frame's result until the final one (not yielded)."""
@@ -168,12 +216,20 @@ class Kernel:
                     return
                 yield result
         finally:
-            with self._cv:
+            with self._lock:
                 self._inbox.pop(rid, None)
 
     def batch(self, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        """Pipeline several syscalls: send them all, then gather the replies in order."""
-        ids = [self.submit(name, **args) for name, args in calls]
+        """Pipeline several syscalls: send them all (in as few writes as possible), then gather the replies in order."""
+        ids = [next(self._ids) for _ in calls]
+        parts: list[Any] = []
+        for rid, (name, args) in zip(ids, calls):
+            parts += encode_message({"id": rid, "call": name, "args": args})
+        with self._lock:
+            for rid in ids:
+                self._inbox[rid] = collections.deque()
+        with self._send_lock:
+            self._send(parts)
         return [self.result(rid) for rid in ids]
 
     # -- conveniences ---------------------------------------------------------------

@@ -27,6 +27,8 @@ from djinn.kernel.codec import (
     Frame,
     FrameTooLarge,
     ProtocolError,
+    _check_envelope,
+    check_header,
     encode_frame,
     recv_frame,
     send_frame,
@@ -240,6 +242,28 @@ def test_large_payload_is_received_in_place() -> None:
     f = dec.next_frame()
     assert f is not None and f.payload.obj is spy.buffers[0] and f.payload.nbytes == nbytes
     assert spy.buffers[0][-1] == 7
+
+
+def test_in_place_says_when_the_buffer_is_one_frame_s_own() -> None:
+    data = frame_bytes({"id": 1, "ok": True, "result": None}, [("a", "uint8", [100_000], bytes(100_000))])
+    dec = Decoder(staging_nbytes=4096)
+    assert not dec.in_place
+    dec.feed(data[:4096])
+    assert dec.in_place and len(dec.get_buffer()) == len(data) - 4096  # exactly the rest of the payload
+    dec.feed(data[4096:])
+    assert not dec.in_place and dec.next_frame() is not None
+
+
+def test_headers_of_different_lengths_back_to_back() -> None:
+    """The decoder reuses one CBOR stream: a short header after a long one must not see its tail."""
+    long = {"id": 1, "call": "x", "args": {"pad": "y" * 500}}
+    stream = frame_bytes(long) + frame_bytes(REQ) + raw_frame(cbor2.dumps(REQ)[:-1]) + cbor2.dumps(REQ)[-1:]
+    dec = Decoder()
+    with pytest.raises(ProtocolError, match="not acceptable CBOR"):
+        dec.feed(stream)
+    dec = Decoder()
+    dec.feed(frame_bytes(long) + frame_bytes(REQ))
+    assert dec.next_frame().header == long and dec.next_frame().header == REQ
 
 
 def test_staged_part_of_payload_is_copied_once_then_direct() -> None:
@@ -498,6 +522,19 @@ def test_non_text_map_keys(key: Any) -> None:
 def test_bad_envelopes(header: Any, match: str) -> None:
     spy = Spy()
     rejects(raw_frame(header), match, alloc_payload=spy)
+
+
+@FUZZ
+@given(fuzz_headers, st.integers(0, 300), st.sampled_from([0, FLAG_MORE]))
+def test_fast_path_agrees_with_the_full_envelope_check(header: dict[str, Any], payload_nbytes: int, flags: int) -> None:
+    """check_header's fast path accepts a header only where the full rules accept it, with the same rows."""
+    def outcome(check: Any) -> Any:
+        try:
+            return check(header, flags, payload_nbytes, SMALL, ProtocolError, FrameTooLarge)
+        except ProtocolError as err:
+            return type(err)
+
+    assert outcome(check_header) == outcome(_check_envelope)
 
 
 def test_more_only_on_successful_replies() -> None:

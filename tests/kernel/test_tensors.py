@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import threading
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,16 @@ from hypothesis import strategies as st
 from djinn.kernel import abi
 from djinn.kernel.codec import DTYPES, Decoder, Frame, encode_frame, tensor_table
 from djinn.kernel.errors import EINVAL, EPROTO
-from djinn.kernel.tensors import DTYPE_TO_TORCH, TENSOR_KEY, dtype_name, encode_message, pack, torch_dtype, unpack
+from djinn.kernel.tensors import (
+    DTYPE_TO_TORCH,
+    TENSOR_KEY,
+    PayloadPool,
+    dtype_name,
+    encode_message,
+    pack,
+    torch_dtype,
+    unpack,
+)
 
 
 def roundtrip(header: dict[str, Any], **decoder_kw: Any) -> tuple[Frame, dict[str, Any]]:
@@ -242,3 +253,104 @@ def test_cuda_tensors_are_copied_to_host() -> None:
     t = torch.arange(10, dtype=torch.bfloat16, device="cuda")
     out = send({"t": t})["t"]
     assert out.device.type == "cpu" and same_bits(out, t.cpu())
+
+
+# -- the fast paths give what the general ones give ----------------------------------------------
+
+
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=6)
+    | st.binary(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), plain_values, max_size=4), st.integers(1, 8))
+def test_plain_headers_encode_as_pack_would(args: dict[str, Any], depth: int) -> None:
+    """A header without tensors skips pack(); the bytes (or the error) must be the same as through pack()."""
+    limits = abi.Limits(max_cbor_depth=depth)
+    header = {"id": 1, "call": "x", "args": args}
+
+    def via(encode: Any) -> Any:
+        try:
+            return b"".join(bytes(p) for p in encode())
+        except EINVAL as err:
+            return type(err)
+
+    def through_pack() -> Any:
+        packed, entries = pack(header, max_depth=depth)
+        assert not entries
+        return encode_frame(packed, (), limits=limits)
+
+    assert via(lambda: encode_message(header, limits=limits)) == via(through_pack)
+
+
+def test_unpack_without_tensors_returns_the_object_itself() -> None:
+    frame, _ = roundtrip({"id": 3, "ok": True, "result": {"a": [1, {"b": 2}]}})
+    assert unpack(frame.header["result"], frame) is frame.header["result"]
+    with pytest.raises(EPROTO, match="names no row"):
+        unpack({"a": [{"b": {TENSOR_KEY: "t0"}}]}, frame)
+
+
+def test_unpacked_tensors_do_not_outlive_their_references() -> None:
+    """unpack holds no reference cycle: the payload is freed as soon as the last tensor goes."""
+    pool = PayloadPool(min_nbytes=1)
+    frame, header = roundtrip({"id": 1, "ok": True, "result": {"a": torch.ones(4), "b": [torch.zeros(2)]}},
+                              alloc_payload=pool)
+    alive = weakref.ref(frame.payload.obj)
+    a = header["result"]["a"]
+    del frame, header
+    assert alive() is not None and pool.idle_nbytes == 0  # `a` still views the payload
+    del a
+    assert alive() is None and pool.idle_nbytes > 0
+
+
+# -- the payload pool ---------------------------------------------------------------------------
+
+
+def test_pool_reuses_a_buffer_once_its_tensors_are_gone() -> None:
+    pool = PayloadPool(min_nbytes=1024)
+    t = torch.arange(4096, dtype=torch.float32)
+    held = send({"t": t}, alloc_payload=pool)["t"]
+    assert pool.allocated == 1 and torch.equal(held, t)
+    send({"t": t + 1}, alloc_payload=pool)  # `held` still views the first buffer: a second one is made
+    assert (pool.allocated, pool.reused) == (2, 0)
+    out = send({"t": t + 2}, alloc_payload=pool)["t"]  # the second buffer's tensor is gone: reused
+    assert (pool.allocated, pool.reused) == (2, 1)
+    assert torch.equal(held, t) and torch.equal(out, t + 2)
+    assert held.data_ptr() != out.data_ptr()
+
+
+def test_pool_buffers_are_aligned_and_small_payloads_are_bytearrays() -> None:
+    pool = PayloadPool(min_nbytes=1024)
+    assert type(pool(100)) is bytearray and pool.allocated == 0
+    for n in (1024, 5000, 1 << 20):
+        buf = pool(n)
+        view = memoryview(buf)
+        assert view.nbytes == n and not view.readonly
+        assert torch.frombuffer(view, dtype=torch.uint8).data_ptr() % 64 == 0
+
+
+def test_pool_keeps_at_most_its_idle_limit() -> None:
+    pool = PayloadPool(min_nbytes=1024, max_idle_nbytes=3 << 20)
+    bufs = [pool(1 << 20) for _ in range(5)]
+    del bufs
+    assert pool.idle_nbytes == 3 << 20
+    buf = pool(1 << 20)
+    assert pool.reused == 1 and pool.idle_nbytes == 2 << 20
+    del buf
+
+
+def test_pool_takes_buffers_back_from_other_threads() -> None:
+    pool = PayloadPool(min_nbytes=1024)
+    bufs = [pool(1 << 16) for _ in range(8)]
+    threads = [threading.Thread(target=bufs.pop) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert pool.idle_nbytes == 8 << 16
+    pool(1 << 16)
+    assert pool.reused == 1

@@ -19,8 +19,18 @@ def test_handlers_take_exactly_the_schema_arguments():
         assert all(p.default is inspect.Parameter.empty for p in kw), f"{name}: defaults belong in the schema"
         if "stream" in row.flags:
             assert inspect.isasyncgenfunction(row.handler), name
-        else:
-            assert inspect.iscoroutinefunction(row.handler), name
+        elif not inspect.iscoroutinefunction(row.handler):
+            # A plain function is answered inline on the event loop: it must not wait,
+            # so it may neither run on the device nor queue behind a session's lock.
+            assert inspect.isfunction(row.handler), name
+            assert not row.flags & {"gpu", "session"}, f"{name}: a plain handler cannot be {set(row.flags)}"
+
+
+def test_control_syscalls_are_answered_without_a_task():
+    from djinn.kernel.dispatch import ASYNC_CALLS
+
+    assert {"nop", "echo", "stat", "hello", "models"}.isdisjoint(ASYNC_CALLS)
+    assert {"forward", "open_session", "generate"} <= ASYNC_CALLS
 
 
 def test_session_flag_matches_a_session_argument():
