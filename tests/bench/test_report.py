@@ -1,0 +1,40 @@
+"""python -m bench report: the latest full run per (bench, device, model), one table per record kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.report import load, render
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    with path.open("a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _rec(run: str, t: float, model: str, kind: str, value: float, quick: bool = False) -> dict:
+    return {"bench": "signals", "device": "GPU-X", "run_id": run, "time_unix": t, "quick": quick,
+            "git_commit": "abc", "model": model, "kind": kind, "value": value}
+
+
+def test_latest_run_per_model_with_tables_per_kind_and_figures(tmp_path: Path) -> None:
+    _write(tmp_path / "signals.jsonl", [
+        _rec("old-1b", 1.0, "dummy:llama-1b", "probe", 1.0),
+        _rec("new-1b", 2.0, "dummy:llama-1b", "probe", 2.0),
+        _rec("new-1b", 2.0, "dummy:llama-1b", "density", 3.0),
+        _rec("only-8b", 1.5, "dummy:llama-8b", "probe", 4.0),
+        _rec("quick-8b", 9.0, "dummy:llama-8b", "probe", 5.0, quick=True),
+    ])
+    latest = load(tmp_path, include_quick=False)
+    assert {k: [r["run_id"] for r in v][0] for k, v in latest.items()} == {
+        ("signals", "GPU-X", "dummy:llama-1b"): "new-1b",
+        ("signals", "GPU-X", "dummy:llama-8b"): "only-8b",
+    }
+    text = render(latest, ["signals_cliff_llama-1b.svg", "signals_cliff_llama-8b.svg", "swap_x.svg"])
+    one_b = text.split("## signals on GPU-X, dummy:llama-1b")[1].split("## ")[0]
+    assert "**probe**" in one_b and "**density**" in one_b
+    assert "| 2 |" in one_b and "| 1 |" not in one_b  # the old run's value is not shown
+    assert "signals_cliff_llama-1b.svg" in one_b and "llama-8b.svg" not in one_b and "swap_x" not in one_b
+    assert load(tmp_path, include_quick=True)[("signals", "GPU-X", "dummy:llama-8b")][0]["run_id"] == "quick-8b"
