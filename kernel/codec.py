@@ -29,7 +29,7 @@ from .errors import E2BIG, EINVAL, EPROTO, KernelError
 __all__ = [
     "ALIGN", "DTYPES", "FLAG_MORE", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES", "SEND_BUFFER_NBYTES",
     "Decoder", "Frame", "FrameTooLarge", "ProtocolError", "TensorEntry", "TensorSpec",
-    "check_header", "encode_frame", "recv_frame", "send_frame", "tensor_table",
+    "check_header", "encode_call", "encode_frame", "encode_result", "recv_frame", "send_frame", "tensor_table",
 ]
 
 Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer needs 3.12)
@@ -40,6 +40,9 @@ PREFIX: Final = struct.Struct("<4sBBHIQ")  # magic, version, flags, reserved, he
 PREFIX_NBYTES: Final = PREFIX.size
 _pack_prefix: Final = PREFIX.pack
 _unpack_prefix_from: Final = PREFIX.unpack_from
+# The prefix as (magic+version+flags+reserved, header nbytes, payload nbytes): the first
+# word of a valid prefix is one of two values, so it is checked in two comparisons.
+_unpack_words_from: Final = struct.Struct("<QIQ").unpack_from
 ALIGN: Final = 64  # every tensor segment starts at a multiple of this, counted from the payload start
 FLAG_MORE: Final = 0x01  # a streamed reply continues after this frame
 MAX_NDIM: Final = 64  # dimensions of one tensor; no model needs more
@@ -335,12 +338,84 @@ def _head(header: Mapping[str, Any], flags: int, payload_nbytes: int, limits: Li
     except (cbor2.CBORError, TypeError, ValueError) as exc:
         raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
     if len(encoded) > limits.max_header_nbytes:
-        raise E2BIG(
-            f"CBOR header of {len(encoded)} bytes exceeds the {limits.max_header_nbytes}-byte limit; "
-            "send bulk data as tensors",
-            details={"limit": "max_header_nbytes", "value": len(encoded), "max": limits.max_header_nbytes},
-        )
+        raise _header_too_big(len(encoded), limits)
     return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), payload_nbytes) + encoded
+
+
+def _header_too_big(nbytes: int, limits: Limits) -> E2BIG:
+    return E2BIG(
+        f"CBOR header of {nbytes} bytes exceeds the {limits.max_header_nbytes}-byte limit; send bulk data as tensors",
+        details={"limit": "max_header_nbytes", "value": nbytes, "max": limits.max_header_nbytes},
+    )
+
+
+# The envelopes of the two usual frames, written by hand around the one value cbor2 encodes:
+# a cbor2.dumps call costs several hundred nanoseconds even for a small map. The bytes are
+# exactly cbor2's (shortest heads, keys in insertion order); a test compares them.
+_UINT_HEADS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
+_TEXT_HEADS: Final = tuple(bytes((0x60 | n,)) if n < 24 else bytes((0x78, n)) for n in range(256))
+_pack_head16: Final = struct.Struct(">BH").pack
+_pack_head32: Final = struct.Struct(">BI").pack
+_pack_head64: Final = struct.Struct(">BQ").pack
+_RESULT_OPEN: Final = b"\xa3\x62id"  # map(3), "id"
+_RESULT_MIDDLE: Final = b"\x62ok\xf5\x66result"  # "ok": true, "result"
+_CALL_OPEN: Final = b"\xa3\x62id"  # map(3), "id"
+_CALL_MIDDLE: Final = b"\x64call"
+_ARGS_KEY: Final = b"\x64args"
+_EMPTY_MAP: Final = b"\xa0"
+
+
+def _cbor_head(major: int, n: int, small: tuple[bytes, ...]) -> bytes:
+    """The shortest head of CBOR major type `major` (already shifted: 0x00 uint, 0x60 text) with argument 0 <= n < 2**64."""
+    if n < 256:
+        return small[n]
+    if n < 0x10000:
+        return _pack_head16(major | 25, n)
+    if n < 0x100000000:
+        return _pack_head32(major | 26, n)
+    return _pack_head64(major | 27, n)
+
+
+def _value_cbor(value: Any) -> bytes:
+    if type(value) is dict and not value:
+        return _EMPTY_MAP
+    try:
+        return cbor2.dumps(value)
+    except (cbor2.CBORError, TypeError, ValueError) as exc:
+        raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
+
+
+def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The frame {"id": rid, "ok": true, "result": result} without payload: the bytes `encode_frame` makes of it.
+
+    The hot path of replies. The caller guarantees what `check_header` would check:
+    0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
+    `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
+    """
+    encoded = b"".join((_RESULT_OPEN, _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE, _value_cbor(result)))
+    if len(encoded) > limits.max_header_nbytes:
+        raise _header_too_big(len(encoded), limits)
+    return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), 0) + encoded
+
+
+def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The frame {"id": rid, "call": name, "args": args} without payload: the bytes `encode_frame` makes of it.
+
+    The hot path of requests. The caller guarantees 0 <= rid < 2**64, a str `name`
+    and a map of plain values (no tensors; see `tensors.encode_request`). Raises
+    EINVAL if a value is not CBOR, E2BIG over the header limit.
+    """
+    try:
+        name_utf8 = name.encode()
+    except UnicodeEncodeError as exc:
+        raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
+    encoded = b"".join((
+        _CALL_OPEN, _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE, _cbor_head(0x60, len(name_utf8), _TEXT_HEADS),
+        name_utf8, _ARGS_KEY, _value_cbor(args),
+    ))
+    if len(encoded) > limits.max_header_nbytes:
+        raise _header_too_big(len(encoded), limits)
+    return _pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, len(encoded), 0) + encoded
 
 
 class _Rejected(Exception):
@@ -363,6 +438,9 @@ _BUILTIN_TAGS: Final = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 10
 _REJECT_TAGS: Final = {tag: _reject_tag for tag in _BUILTIN_TAGS}
 
 _PREFIX_PHASE, _HEADER_PHASE, _PAYLOAD_PHASE = 0, 1, 2
+_WORD_PLAIN: Final = struct.unpack("<Q", struct.pack("<4sBBH", MAGIC, PROTOCOL_VERSION, 0, 0))[0]
+_WORD_MORE: Final = struct.unpack("<Q", struct.pack("<4sBBH", MAGIC, PROTOCOL_VERSION, FLAG_MORE, 0))[0]
+_new_frame: Final = tuple.__new__  # Frame(...) through its generated __new__ costs twice as much
 
 
 def _bad_magic(seen: bytes) -> ProtocolError:
@@ -382,6 +460,7 @@ class Decoder:
     __slots__ = (
         "_limits", "_alloc", "_staging", "_start", "_end", "_phase", "_flags", "_header_nbytes",
         "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor", "_cbor_in",
+        "_staged_in", "_staged_cbor",
     )
 
     def __init__(
@@ -395,7 +474,11 @@ class Decoder:
             raise ValueError(f"staging_nbytes must be at least {PREFIX_NBYTES}")
         self._limits = limits
         self._alloc: Callable[[int], Buffer] = alloc_payload or bytearray
-        self._staging = memoryview(bytearray(staging_nbytes))
+        # The staging buffer is the memory of a BytesIO that one CBOR decoder reads: a
+        # header that arrived whole is decoded where it lies, with no copy. A header
+        # received in place (longer than one read) is copied into a second stream.
+        self._staged_in = io.BytesIO(bytes(staging_nbytes))
+        self._staging = self._staged_in.getbuffer()
         self._start = 0  # staged bytes not yet parsed are _staging[_start:_end]
         self._end = 0
         self._phase = _PREFIX_PHASE
@@ -408,18 +491,10 @@ class Decoder:
         self._target_pos = 0
         self._frames: deque[Frame] = deque()
         self._error: KernelError | None = None
-        # One CBOR decoder and one stream for the life of the Decoder: each header is
-        # copied into the stream, which is cheaper than a new stream per header.
+        # One CBOR decoder per stream for the life of the Decoder: cheaper than one per header.
+        self._staged_cbor = _header_decoder(self._staged_in, limits)
         self._cbor_in = io.BytesIO()
-        self._cbor = cbor2.CBORDecoder(
-            self._cbor_in,
-            max_depth=limits.max_cbor_depth,
-            allow_duplicate_keys=False,
-            strict_hashable_types=True,
-            semantic_decoders=_REJECT_TAGS,
-            tag_hook=_reject_tag,
-            object_hook=_check_keys,
-        )
+        self._cbor = _header_decoder(self._cbor_in, limits)
 
     @property
     def dead(self) -> bool:
@@ -501,11 +576,13 @@ class Decoder:
             raise ProtocolError(f"the decoder is dead after an earlier error: {self._error.message}")
 
     def _parse_staged(self) -> None:
-        # The hot path: a small frame usually arrives whole in one read, and its
-        # prefix and header are parsed in one turn of this loop.
+        # The hot path: a small frame usually arrives whole in one read. Such a frame
+        # (no payload, header all staged) is parsed in one turn of this loop, without
+        # going through the phases; anything else walks them.
         buf = self._staging
         start, end = self._start, self._end
         limits = self._limits
+        frames = self._frames
         while True:
             avail = end - start
             if self._phase == _PREFIX_PHASE:
@@ -515,18 +592,24 @@ class Decoder:
                         if not MAGIC.startswith(seen):
                             raise _bad_magic(seen)
                     break
-                magic, version, flags, reserved, header_nbytes, payload_nbytes = _unpack_prefix_from(buf, start)
+                word, header_nbytes, payload_nbytes = _unpack_words_from(buf, start)
                 if (
-                    magic != MAGIC or version != PROTOCOL_VERSION or flags & ~FLAG_MORE or reserved
+                    (word != _WORD_PLAIN and word != _WORD_MORE)
                     or not 0 < header_nbytes <= limits.max_header_nbytes or payload_nbytes > limits.max_payload_nbytes
                 ):
-                    raise _bad_prefix(magic, version, flags, reserved, header_nbytes, payload_nbytes, limits)
+                    raise _bad_prefix(*_unpack_prefix_from(buf, start), limits)
+                flags = 0 if word == _WORD_PLAIN else FLAG_MORE
+                start += PREFIX_NBYTES
+                avail -= PREFIX_NBYTES
+                if not payload_nbytes and header_nbytes <= avail:
+                    header = self._decode_staged(start, header_nbytes)
+                    frames.append(_new_frame(Frame, (flags, header, _EMPTY, check_header(header, flags, 0, limits))))
+                    start += header_nbytes
+                    continue
                 self._flags = flags
                 self._header_nbytes = header_nbytes
                 self._payload_nbytes = payload_nbytes
                 self._phase = _HEADER_PHASE
-                start += PREFIX_NBYTES
-                avail -= PREFIX_NBYTES
             if self._phase == _HEADER_PHASE:
                 n = self._header_nbytes
                 if avail < n:
@@ -535,8 +618,9 @@ class Decoder:
                     self._target_pos = avail
                     self._start = self._end = 0
                     return
-                self._read_header(buf[start : start + n])
+                header = self._decode_staged(start, n)
                 start += n
+                self._accept_header(header)
             else:
                 payload = self._new_payload()
                 take = min(avail, self._payload_nbytes)
@@ -552,6 +636,19 @@ class Decoder:
         if left and start:
             buf[:left] = buf[start:end]
         self._start, self._end = 0, left
+
+    def _decode_staged(self, start: int, nbytes: int) -> Any:
+        """The header of `nbytes` at `start` of the staging buffer, decoded where it lies. Raises ProtocolError."""
+        stream = self._staged_in
+        stream.seek(start)
+        try:
+            header = self._staged_cbor.decode()
+        except Exception as exc:
+            raise ProtocolError(f"the header is not acceptable CBOR: {exc.__cause__ or exc}") from None
+        used = stream.tell() - start
+        if used != nbytes:  # the map ends inside its declared length, or runs past it into the next bytes
+            raise _header_length_error(used, nbytes)
+        return header
 
     def _target_done(self) -> None:
         target, self._target = self._target, None
@@ -575,7 +672,10 @@ class Decoder:
         except Exception as exc:
             raise ProtocolError(f"the header is not acceptable CBOR: {exc.__cause__ or exc}") from None
         if stream.tell() != len(view):
-            raise ProtocolError(f"{len(view) - stream.tell()} bytes follow the header's CBOR map inside its declared length")
+            raise _header_length_error(stream.tell(), len(view))
+        self._accept_header(header)
+
+    def _accept_header(self, header: Any) -> None:
         specs = check_header(header, self._flags, self._payload_nbytes, self._limits)
         if self._payload_nbytes:
             self._header = header
@@ -602,6 +702,25 @@ class Decoder:
         self._header = None
         self._specs = ()
         self._phase = _PREFIX_PHASE
+
+
+def _header_decoder(stream: io.BytesIO, limits: Limits) -> cbor2.CBORDecoder:
+    """A CBOR decoder of headers from `stream`: text keys only, no tags, no duplicate keys, `max_cbor_depth` deep."""
+    return cbor2.CBORDecoder(
+        stream,
+        max_depth=limits.max_cbor_depth,
+        allow_duplicate_keys=False,
+        strict_hashable_types=True,
+        semantic_decoders=_REJECT_TAGS,
+        tag_hook=_reject_tag,
+        object_hook=_check_keys,
+    )
+
+
+def _header_length_error(used: int, declared: int) -> ProtocolError:
+    if used < declared:
+        return ProtocolError(f"{declared - used} bytes follow the header's CBOR map inside its declared length")
+    return ProtocolError(f"the header is not acceptable CBOR: its map runs past the declared {declared} bytes")
 
 
 def _bad_prefix(

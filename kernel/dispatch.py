@@ -84,6 +84,9 @@ class Call(NamedTuple):
         return self.peer.pid
 
 
+_new_call = tuple.__new__  # Call(...) through its generated __new__ costs twice as much
+
+
 def _prepare(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> tuple[Any, Call, dict[str, Any]]:
     """Look the syscall up, check the caller may make it, validate its arguments. Raises KernelError."""
     row = TABLE.get(name) if type(name) is str else None
@@ -99,7 +102,7 @@ def _prepare(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> 
         args = validate(name, row.args, {} if raw_args is None else raw_args)
     if kernel.shutting_down and name != "hello":
         kernel.refuse_new_work(name)
-    return row, Call(rid, name, peer), args
+    return row, _new_call(Call, (rid, name, peer)), args
 
 
 def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> None:

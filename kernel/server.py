@@ -6,8 +6,10 @@ Rules:
   pool. Replies leave through `write` / `writelines` of bytes and memoryviews.
 - `buffer_updated` feeds the decoder and hands each whole frame to the
   dispatcher: a control syscall (plain handler) is answered there and then, any
-  other starts one task. It never waits. Replies made while one read is parsed
-  leave in one write. Too many tasks in flight pause reading (backpressure).
+  other starts one task. It never waits. The reply to a read's only request is
+  written at once, before the bookkeeping; replies to the requests of a read that
+  carries several leave together in one write. Too many tasks in flight pause
+  reading (backpressure).
 - A protocol error answers EPROTO (request id 0) and closes that connection
   only. Every other connection carries on.
 - The Unix socket is 0660. An existing socket file is replaced only after a test
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
 from .dispatch import ASYNC_CALLS, dispatch, dispatch_now
 from .errors import EPROTO, KernelError
-from .tensors import PAYLOAD_POOL, encode_message, unpack
+from .tensors import PAYLOAD_POOL, encode_message, encode_reply, unpack
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -77,17 +79,28 @@ class Connection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._corking = True
+        decoder = self.decoder
         try:
-            self.decoder.buffer_updated(nbytes)
-            while (frame := self.decoder.next_frame()) is not None:
+            decoder.buffer_updated(nbytes)
+            frame = decoder.next_frame()
+            if frame is None:
+                return
+            following = decoder.next_frame()
+            if following is None:  # the usual read, one request: its reply leaves at once, not after the bookkeeping
                 self._start(frame)
+                return
+            self._corking = True
+            self._start(frame)
+            while following is not None:
+                self._start(following)
+                following = decoder.next_frame()
         except KernelError as err:  # ProtocolError from the decoder, EPROTO from _start
             self.protocol_error(err)
         finally:
-            self._corking = False
-            if self._corked:
-                self._flush()
+            if self._corking:
+                self._corking = False
+                if self._corked:
+                    self._flush()
 
     def eof_received(self) -> bool:
         return False
@@ -151,7 +164,14 @@ class Connection(asyncio.BufferedProtocol):
     def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
         if self.closed or self.transport is None:
             return
-        self._send({"id": rid, "ok": True, "result": result}, FLAG_MORE if more else 0)
+        try:
+            parts = encode_reply(rid, result, flags=FLAG_MORE if more else 0, limits=self.kernel.limits)
+        except KernelError as err:
+            parts = encode_message({"id": rid, "ok": False, "error": err.to_wire()}, limits=self.kernel.limits)
+        if self._corking:
+            self._corked += parts
+        else:
+            self._write(parts)
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         if self.closed or self.transport is None:
@@ -162,13 +182,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _send(self, header: dict[str, Any], flags: int) -> None:
         assert self.transport is not None
-        try:
-            parts = encode_message(header, flags=flags, limits=self.kernel.limits)
-        except KernelError as err:
-            if header.get("ok") is False:
-                raise
-            parts = encode_message({"id": header["id"], "ok": False, "error": err.to_wire()},
-                                   limits=self.kernel.limits)
+        parts = encode_message(header, flags=flags, limits=self.kernel.limits)
         if self._corking:
             self._corked += parts
         else:

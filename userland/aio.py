@@ -15,7 +15,7 @@ from djinn.kernel import abi
 from djinn.kernel.codec import Decoder, ProtocolError
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import PAYLOAD_POOL, encode_message, unpack
+from djinn.kernel.tensors import PAYLOAD_POOL, encode_request, unpack
 
 from .session import Result, result_from_reply
 
@@ -73,7 +73,7 @@ class AsyncKernel:
         rid = next(self._ids)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._proto.waiters[rid] = q
-        parts = encode_message({"id": rid, "call": name, "args": args})
+        parts = encode_request(rid, name, args)
         if len(parts) == 1:
             self._transport.write(parts[0])  # sent at once; writelines() would wait for the loop's next turn
         else:

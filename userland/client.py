@@ -23,13 +23,14 @@ from djinn.kernel import abi
 from djinn.kernel.codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, send_frame
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
-from djinn.kernel.tensors import PAYLOAD_POOL, encode_message, unpack
+from djinn.kernel.tensors import PAYLOAD_POOL, encode_request, unpack
 
 from .session import Checkpoint, Session
 
 __all__ = ["Kernel", "connect", "syscall", "default_kernel"]
 
 _SMALL_FRAME = 64 << 10  # below this, one joined sendall beats a scatter-gather send
+_MSG_WAITALL = socket.MSG_WAITALL
 
 
 def _open_socket(path: str | None, tcp: str | None) -> socket.socket:
@@ -76,7 +77,7 @@ class Kernel:
     def submit(self, name: str, /, **args: Any) -> int:
         """Send a request without waiting; returns its id for `result(id)`."""
         rid = next(self._ids)
-        parts = encode_message({"id": rid, "call": name, "args": args})
+        parts = encode_request(rid, name, args)
         with self._lock:
             self._inbox[rid] = collections.deque()
         with self._send_lock:
@@ -147,7 +148,7 @@ class Kernel:
                 return frame
             # A payload is received straight into its buffer, and in one call: the
             # view ends where the frame's payload does, so waiting for all of it is safe.
-            n = self._sock.recv_into(decoder.get_buffer(), 0, socket.MSG_WAITALL if decoder.in_place else 0)
+            n = self._sock.recv_into(decoder.get_buffer(), 0, _MSG_WAITALL if decoder.in_place else 0)
             if n == 0:
                 self._closed = True
                 raise ConnectionError("djinnd closed the connection")
@@ -174,7 +175,7 @@ class Kernel:
     def syscall(self, name: str, /, **args: Any) -> Any:
         """Make one syscall and return its decoded result. Raises djinn.errors.* on failure."""
         rid = next(self._ids)
-        parts = encode_message({"id": rid, "call": name, "args": args})
+        parts = encode_request(rid, name, args)
         with self._lock:
             reader = not self._reading
             if reader:
@@ -189,7 +190,10 @@ class Kernel:
         # directly, with no inbox, routing any frame for another request to its inbox.
         try:
             with self._send_lock:
-                self._send(parts)
+                if len(parts) == 1:
+                    self._sock.sendall(parts[0])
+                else:
+                    self._send(parts)
             while True:
                 frame = self._read_frame()
                 if frame.header["id"] != rid:
@@ -203,7 +207,10 @@ class Kernel:
                 self._reading = False
                 if self._waiting:
                     self._cv.notify_all()
-        return self._decode(frame)
+        header = frame.header
+        if header.get("ok") is not True:
+            raise from_wire(header.get("error"))
+        return unpack(header["result"], frame)
 
     def stream(self, name: str, /, **args: Any) -> Iterator[Any]:
         """A streamed syscall: yields each frame's result until the final one (not yielded)."""
@@ -224,7 +231,7 @@ class Kernel:
         ids = [next(self._ids) for _ in calls]
         parts: list[Any] = []
         for rid, (name, args) in zip(ids, calls):
-            parts += encode_message({"id": rid, "call": name, "args": args})
+            parts += encode_request(rid, name, args)
         with self._lock:
             for rid in ids:
                 self._inbox[rid] = collections.deque()

@@ -29,7 +29,9 @@ from djinn.kernel.codec import (
     ProtocolError,
     _check_envelope,
     check_header,
+    encode_call,
     encode_frame,
+    encode_result,
     recv_frame,
     send_frame,
     tensor_table,
@@ -778,3 +780,51 @@ def test_no_tag_number_gets_through() -> None:
                 continue
             leaked.append(tag)
     assert leaked == []
+
+
+# -- the hand-written envelopes of the usual frames -----------------------------------
+
+EDGE_IDS = (0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1)
+
+
+@FUZZ
+@given(rid=st.integers(0, 2**64 - 1) | st.sampled_from(EDGE_IDS), result=values, more=st.booleans())
+def test_encode_result_is_byte_for_byte_encode_frame(rid: int, result: Any, more: bool) -> None:
+    flags = FLAG_MORE if more else 0
+    assert encode_result(rid, result, flags) == encode_frame({"id": rid, "ok": True, "result": result}, flags=flags)[0]
+
+
+@FUZZ
+@given(
+    rid=st.integers(0, 2**64 - 1) | st.sampled_from(EDGE_IDS),
+    name=st.text(max_size=30) | st.sampled_from(["x" * 23, "x" * 24, "y" * 255, "z" * 256, "é" * 40]),
+    args=st.dictionaries(st.text(max_size=5), values, max_size=3),
+)
+def test_encode_call_is_byte_for_byte_encode_frame(rid: int, name: str, args: dict[str, Any]) -> None:
+    assert encode_call(rid, name, args) == encode_frame({"id": rid, "call": name, "args": args})[0]
+
+
+def test_encode_call_and_result_limits_and_errors() -> None:
+    with pytest.raises(E2BIG, match="4096-byte limit"):
+        encode_result(1, "x" * 5000, limits=SMALL)
+    with pytest.raises(E2BIG, match="4096-byte limit"):
+        encode_call(1, "x", {"a": "y" * 5000}, limits=SMALL)
+    with pytest.raises(EINVAL, match="CBOR"):
+        encode_result(1, object())
+    with pytest.raises(EINVAL, match="CBOR"):
+        encode_call(1, "bad\ud800name", {})
+    [frame] = decode_all(encode_call(2**64 - 1, "nop", {}) + encode_result(7, {}, FLAG_MORE))[:1]
+    assert frame.header == {"id": 2**64 - 1, "call": "nop", "args": {}}
+
+
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_header_map_running_past_its_length_is_refused_wherever_it_lies(staging: int) -> None:
+    """A staged header is decoded where it lies: a map longer than its declared length must
+    not borrow the bytes after it, whether those are the next frame's or stale ones."""
+    encoded = cbor2.dumps(REQ)
+    short = raw_frame(encoded[:-1])
+    for stream in (short + encoded[-1:] + frame_bytes(REQ), short + bytes(64), short):
+        dec = Decoder(staging_nbytes=staging)
+        with pytest.raises(ProtocolError, match="CBOR"):
+            dec.feed(stream)
+            dec.feed_eof()

@@ -371,3 +371,64 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+class _Transport:
+    """Records each write; enough of an asyncio transport for Connection."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, parts: list[Any]) -> None:
+        self.writes.append(b"".join(bytes(p) for p in parts))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+def _connection() -> tuple[Any, _Transport]:
+    from djinn.kernel.server import Connection
+    from djinn.kernel.stats import SyscallStats
+
+    class _Kernel:
+        limits = abi.DEFAULT_LIMITS
+        alloc_payload = None
+        shutting_down = False
+
+        def __init__(self) -> None:
+            self.stats = SyscallStats()
+            self.connections: set[Any] = set()
+
+    conn = Connection(_Kernel(), "unix")  # type: ignore[arg-type]
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.authed, conn.uid = True, os.getuid()
+    return conn, transport
+
+
+def _feed(conn: Any, data: bytes) -> None:
+    buf = conn.get_buffer(len(data))
+    buf[: len(data)] = data
+    conn.buffer_updated(len(data))
+
+
+def test_one_request_per_read_is_answered_at_once_and_several_in_one_write():
+    conn, transport = _connection()
+    _feed(conn, encode_message({"id": 1, "call": "nop", "args": {}})[0])
+    assert transport.writes == [encode_frame({"id": 1, "ok": True, "result": {}})[0]]
+    transport.writes.clear()
+    batch = [encode_message({"id": i, "call": "echo", "args": {"data": i}})[0] for i in (2, 3, 4)]
+    _feed(conn, b"".join(batch) + encode_message({"id": 5, "call": "nope", "args": {}})[0])
+    assert len(transport.writes) == 1, "replies to the requests of one read leave in one write"
+    dec = Decoder()
+    dec.feed(transport.writes[0])
+    replies = [dec.next_frame().header for _ in range(4)]
+    assert [r["result"]["data"] for r in replies[:3]] == [2, 3, 4]
+    assert replies[3]["id"] == 5 and replies[3]["error"]["errno"] == "ENOSYS"
+    assert conn.kernel.stats.snapshot()["nop"]["count"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import threading
 import warnings
 import weakref
@@ -23,6 +24,8 @@ from djinn.kernel.tensors import (
     PayloadPool,
     dtype_name,
     encode_message,
+    encode_reply,
+    encode_request,
     pack,
     torch_dtype,
     unpack,
@@ -354,3 +357,49 @@ def test_pool_takes_buffers_back_from_other_threads() -> None:
     assert pool.idle_nbytes == 8 << 16
     pool(1 << 16)
     assert pool.reused == 1
+
+
+def _joined(parts: list[Any]) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+REPLY_CASES = [
+    {}, None, 3, -(2**64), 2**64 - 1, "text", b"raw", 1.5, [1, [2, {"a": None}]], {"nested": {"x": [True, False]}},
+    {"t": torch.arange(4)}, [torch.ones(2)], (1, 2), {"k": (1, 2)}, np.int64(5), 2**64,
+]
+
+
+@pytest.mark.parametrize("result", REPLY_CASES, ids=repr)
+@pytest.mark.parametrize("flags", [0, 1])
+def test_encode_reply_is_encode_message(result: Any, flags: int) -> None:
+    """The fast path of replies makes the same bytes as the general one, and raises the same errors."""
+    header = {"id": 300, "ok": True, "result": result}
+    try:
+        expected = _joined(encode_message(header, flags=flags))
+    except EINVAL as err:
+        with pytest.raises(EINVAL, match=re.escape(err.message)):
+            encode_reply(300, result, flags=flags)
+        return
+    assert _joined(encode_reply(300, result, flags=flags)) == expected
+
+
+@pytest.mark.parametrize("args", [{}, {"a": 1, "b": [1, "x"]}, {"t": torch.zeros(3)}, {"k": (1,)}, {"bad": 2**64}],
+                         ids=repr)
+def test_encode_request_is_encode_message(args: dict[str, Any]) -> None:
+    header = {"id": 70000, "call": "echo", "args": args}
+    try:
+        expected = _joined(encode_message(header))
+    except EINVAL as err:
+        with pytest.raises(EINVAL, match=re.escape(err.message)):
+            encode_request(70000, "echo", args)
+        return
+    assert _joined(encode_request(70000, "echo", args)) == expected
+
+
+def test_encode_reply_deep_results_follow_the_depth_limit() -> None:
+    deep: Any = {}
+    for _ in range(abi.DEFAULT_LIMITS.max_cbor_depth - 2):  # the header is depth 1, the result 2
+        deep = {"d": deep}
+    assert _joined(encode_reply(1, deep)) == _joined(encode_message({"id": 1, "ok": True, "result": deep}))
+    with pytest.raises(EINVAL, match="deep"):
+        encode_reply(1, {"d": deep})
