@@ -4,7 +4,9 @@ Rules:
 - Arguments arrive validated by schema; here they are checked against the
   model (vocabulary, context left, layer range) before any work is queued, so a
   bad request changes nothing.
-- Each model call is one closure on the device worker (via Kernel.on_device);
+- Each model call is one closure on the device worker (via Kernel.on_device),
+  which also copies the reply's tensors to host memory, so the loop never waits
+  on the device;
   generate is one worker call per token, so other sessions interleave between
   tokens and a client that goes away stops the loop at the next token.
 - Admission: the plan's memory figure for the request is checked against the
@@ -80,10 +82,10 @@ class Execute:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, input_ids)
         self._check_pause(model, pause_at)
-        fn = functools.partial(model.forward, s.seq, ids, pause_at=pause_at, return_logits=return_logits,
+        fn = functools.partial(_replied, model.forward, s.seq, ids, pause_at=pause_at, return_logits=return_logits,
                                return_activation=return_activation)
         op = "forward_all" if return_logits == "all" else "forward"
-        return _reply(await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn)))
+        return await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn))
 
     async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
                      return_activation: str) -> dict[str, Any]:
@@ -94,9 +96,9 @@ class Execute:
         if pause_at is not None and pause_at <= s.paused_at:
             raise EINVAL(f"pause_at {pause_at} must come after the layer the session is paused at ({s.paused_at})",
                          details={"argument": "pause_at"})
-        fn = functools.partial(model.resume, s.seq, activation, pause_at=pause_at, return_logits=return_logits,
-                               return_activation=return_activation)
-        return _reply(await self.k.on_device(s, fn))
+        fn = functools.partial(_replied, model.resume, s.seq, activation, pause_at=pause_at,
+                               return_logits=return_logits, return_activation=return_activation)
+        return await self.k.on_device(s, fn)
 
     async def generate(self, s: Session, input_ids: Any, *, max_new_tokens: int, temperature: float, top_p: float,
                        seed: int | None, stop: list[int], peer: Any) -> AsyncIterator[dict[str, Any]]:
@@ -137,12 +139,15 @@ class Execute:
         return {"cleared": "all" if layer is None else layer}
 
 
-def _reply(r: Any) -> dict[str, Any]:
+def _replied(step: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a model step and build its reply, on the worker. Its tensors are copied to host memory
+    here, so the event loop never waits on the device while it encodes the reply."""
+    r = step(*args, **kwargs)
     out: dict[str, Any] = {"position": int(r.position), "paused_at": r.paused_at}
     if r.logits is not None:
-        out["logits"] = r.logits
+        out["logits"] = r.logits.cpu()
     if r.topk_ids is not None:
-        out["topk"] = {"ids": r.topk_ids, "logits": r.topk_logits}
+        out["topk"] = {"ids": r.topk_ids.cpu(), "logits": r.topk_logits.cpu()}
     if r.activation is not None:
-        out["activation"] = r.activation
+        out["activation"] = r.activation.cpu()
     return out
