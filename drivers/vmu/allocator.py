@@ -13,15 +13,15 @@ classes are non-empty, so the first class whose every member fits is one
 `m & -m` away. Neighbours are found through two dicts (start -> size, end -> start),
 so freeing and coalescing are O(1). A request that falls inside a class scans at
 most SCAN_LIMIT members of that class first, so repeated same-size requests reuse
-same-size holes. The largest free range comes from a max-heap with lazy deletion
-(amortised O(log n)), rebuilt when stale entries outnumber live ones.
+same-size holes. The largest free range is cached with the number of free ranges of
+that size; alloc and free keep it exact in O(1), and when the last range of that size
+goes it is found again, at the next query only, in the top non-empty class (classes
+are ordered by size, so the largest free range is one of that class's members).
 
 Not thread-safe: the owner (the VMU) serialises calls under its lock.
 """
 
 from __future__ import annotations
-
-import heapq
 
 from ..errors import BadArgument, OutOfMemory
 
@@ -56,7 +56,7 @@ class RangeAllocator:
 
     __slots__ = (
         "name", "capacity", "align", "_shift", "_used", "_free_start", "_free_end",
-        "_classes", "_bitmap", "_heap", "_memo", "used_nbytes",
+        "_classes", "_bitmap", "_bits", "_largest", "_n_largest", "_memo", "used_nbytes",
     )
 
     def __init__(self, capacity: int, align: int = 256, *, name: str = "range") -> None:
@@ -71,9 +71,16 @@ class RangeAllocator:
         self._used: dict[int, int] = {}  # start -> nbytes of ranges handed out
         self._free_start: dict[int, int] = {}  # start -> nbytes of free ranges
         self._free_end: dict[int, int] = {}  # end -> start of free ranges (for the left neighbour)
-        self._classes: dict[int, dict[int, int]] = {}  # class -> {start: nbytes}, insertion ordered
+        # class -> {start: nbytes}, insertion ordered; one dict per class that any range of [0, capacity) can
+        # fall in, kept when empty, so filing a range never creates or drops a dict
+        self._classes: list[dict[int, int]] = [{} for _ in range(_class_of(self.capacity >> self._shift) + 1)]
         self._bitmap = 0  # bit c set <=> class c non-empty
-        self._heap: list[tuple[int, int]] = []  # (-nbytes, start); entries may be stale
+        self._bits = [1 << c for c in range(len(self._classes))]  # bit of class c: `^` flips it without new masks
+        # Every free range is <= _largest, and exactly _n_largest of them are == _largest. Filing a range of
+        # size s: s > _largest -> (s, 1); s == _largest -> count + 1. Unfiling one of size _largest: count - 1.
+        # A count of 0 (the last one went) says "all are smaller": largest_free_nbytes then searches again.
+        self._largest = 0
+        self._n_largest = 0
         self._memo: dict[int, tuple[int, int]] = {}  # aligned size -> (own class, fitting class)
         self.used_nbytes = 0
         if self.capacity:
@@ -86,14 +93,15 @@ class RangeAllocator:
 
     @property
     def largest_free_nbytes(self) -> int:
-        """The largest free range, exact. Amortised O(log n): drops stale heap tops."""
-        heap, free = self._heap, self._free_start
-        while heap:
-            neg, start = heap[0]
-            if free.get(start) == -neg:
-                return -neg
-            heapq.heappop(heap)
-        return 0
+        """The largest free range, exact. O(1) while cached; else O(members of the top non-empty class)."""
+        if not self._n_largest:
+            bitmap = self._bitmap
+            if not bitmap:
+                return 0
+            sizes = list(self._classes[bitmap.bit_length() - 1].values())
+            self._largest = largest = max(sizes)
+            self._n_largest = sizes.count(largest)
+        return self._largest
 
     @property
     def largest_free_fraction(self) -> float:
@@ -140,28 +148,52 @@ class RangeAllocator:
         """Offset of a new range of `nbytes` rounded up to `align`. OutOfMemory if none fits."""
         if nbytes <= 0:
             raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
-        size = (nbytes + self.align - 1) & ~(self.align - 1)
-        own, fit = self._memo.get(size) or self._classes_for(size)
-        bitmap = self._bitmap
+        align = self.align
+        size = (nbytes + align - 1) & -align
+        memo, classes, bitmap = self._memo, self._classes, self._bitmap
+        own, fit = memo.get(size) or self._classes_for(size)
         start = -1
         if fit != own and (bitmap >> own) & 1:
-            start = self._scan(self._classes[own], size, SCAN_LIMIT)
+            start = self._scan(classes[own], size, SCAN_LIMIT)
         if start < 0:
             above = bitmap >> fit
-            if above:
-                start = next(iter(self._classes[fit + (above & -above).bit_length() - 1]))
+            if above & 1:
+                start = next(iter(classes[fit]))
+            elif above:
+                start = next(iter(classes[fit + (above & -above).bit_length() - 1]))
             elif fit != own and (bitmap >> own) & 1:
-                start = self._scan(self._classes[own], size, None)  # near-full: look at every member
+                start = self._scan(classes[own], size, None)  # near-full: look at every member
             if start < 0:
                 raise OutOfMemory(
                     f"{self.name}", requested_nbytes=size,
                     largest_free_nbytes=self.largest_free_nbytes, total_free_nbytes=self.free_nbytes,
                 )
-        have = self._free_start[start]
+        # Unfile the free range [start, +have) and refile its tail, if any, inline (the hot path). The tail
+        # is smaller than the range, so the largest-range count can only lose the range itself.
+        free_start = self._free_start
+        have = free_start.pop(start)
+        cls = (memo.get(have) or self._classes_for(have))[0]
+        members = classes[cls]
+        del members[start]
+        if have == self._largest:
+            self._n_largest -= 1
         if have > size:
-            self._reshape(start, have, start + size, have - size)  # the tail stays free
+            tail, rest = start + size, have - size
+            free_start[tail] = rest
+            self._free_end[tail + rest] = tail
+            rest_cls = (memo.get(rest) or self._classes_for(rest))[0]
+            if rest_cls != cls:
+                if not members:
+                    bitmap ^= self._bits[cls]
+                members = classes[rest_cls]
+                if not members:
+                    bitmap ^= self._bits[rest_cls]
+                self._bitmap = bitmap
+            members[tail] = rest
         else:
-            self._remove(start)
+            del self._free_end[start + have]
+            if not members:
+                self._bitmap = bitmap ^ self._bits[cls]
         self._used[start] = size
         self.used_nbytes += size
         return start
@@ -173,18 +205,60 @@ class RangeAllocator:
             raise BadArgument(f"{self.name}: free of offset {offset}, which is not an allocated range "
                               "(double free?)")
         self.used_nbytes -= size
+        free_start, free_end = self._free_start, self._free_end
         end = offset + size
-        right = self._free_start.get(end)
-        left = self._free_end.get(offset)
-        if left is not None:
+        right = free_start.get(end)
+        left = free_end.get(offset)
+        # A merge replaces one free range [old, +old_size) by a larger one [start, +new_size) that shares its
+        # start (left merge) or its end (right merge only): fewer dict operations than unfile + file.
+        if left is None:
+            if right is None:  # no free neighbour: file it as it is (_insert, inline: the hot path)
+                free_start[offset] = size
+                free_end[end] = offset
+                cls = (self._memo.get(size) or self._classes_for(size))[0]
+                members = self._classes[cls]
+                if not members:
+                    self._bitmap ^= self._bits[cls]
+                members[offset] = size
+                largest = self._largest
+                if size > largest:
+                    self._largest, self._n_largest = size, 1
+                elif size == largest:
+                    self._n_largest += 1
+                return size
+            old, old_size, start, new_size = end, right, offset, size + right
+            del free_start[end]
+            free_start[offset] = new_size
+            free_end[end + right] = offset
+        else:
             if right is not None:
                 self._remove(end)
                 end += right
-            self._reshape(left, offset - left, left, end - left)
-        elif right is not None:
-            self._reshape(end, right, offset, end + right - offset)
+            old, old_size, start, new_size = left, offset - left, left, end - left
+            free_start[left] = new_size
+            del free_end[offset]
+            free_end[end] = left
+        memo, classes = self._memo, self._classes
+        old_cls = (memo.get(old_size) or self._classes_for(old_size))[0]
+        cls = (memo.get(new_size) or self._classes_for(new_size))[0]
+        members = classes[old_cls]
+        if cls == old_cls:
+            if start != old:
+                del members[old]
         else:
-            self._insert(offset, size)
+            del members[old]
+            bits = self._bits
+            if not members:
+                self._bitmap ^= bits[old_cls]
+            members = classes[cls]
+            if not members:
+                self._bitmap ^= bits[cls]
+        members[start] = new_size
+        largest = self._largest  # old_size < new_size <= largest means the old range was not counted
+        if new_size > largest:
+            self._largest, self._n_largest = new_size, 1
+        elif new_size == largest:
+            self._n_largest += 1
         return size
 
     def try_extend(self, offset: int, nbytes: int) -> bool:
@@ -223,52 +297,15 @@ class RangeAllocator:
         self._free_start[start] = size
         self._free_end[start + size] = start
         cls = (self._memo.get(size) or self._classes_for(size))[0]
-        members = self._classes.get(cls)
-        if members is None:
-            self._classes[cls] = {start: size}
-            self._bitmap |= 1 << cls
-        else:
-            members[start] = size
-        heap = self._heap
-        heapq.heappush(heap, (-size, start))
-        if len(heap) > 2 * len(self._free_start) + 64:  # stale entries dominate: rebuild, O(n) amortised
-            heap[:] = [(-s, o) for o, s in self._free_start.items()]
-            heapq.heapify(heap)
-
-    def _reshape(self, old_start: int, old_size: int, start: int, size: int) -> None:
-        """Replace free range [old_start, +old_size) by [start, +size), which shares its start or its end
-        with it: the same as _remove + _insert, with fewer dict operations (alloc and free's common cases)."""
-        free_start, free_end, memo = self._free_start, self._free_end, self._memo
-        if start != old_start:
-            del free_start[old_start]
-        free_start[start] = size
-        old_end, end = old_start + old_size, start + size
-        if end != old_end:
-            del free_end[old_end]
-        free_end[end] = start
-        old_cls = (memo.get(old_size) or self._classes_for(old_size))[0]
-        cls = (memo.get(size) or self._classes_for(size))[0]
-        members = self._classes[old_cls]
-        if cls == old_cls:
-            if start != old_start:
-                del members[old_start]
-            members[start] = size
-        else:
-            del members[old_start]
-            if not members:
-                del self._classes[old_cls]
-                self._bitmap &= ~(1 << old_cls)
-            new_members = self._classes.get(cls)
-            if new_members is None:
-                self._classes[cls] = {start: size}
-                self._bitmap |= 1 << cls
-            else:
-                new_members[start] = size
-        heap = self._heap
-        heapq.heappush(heap, (-size, start))
-        if len(heap) > 2 * len(free_start) + 64:
-            heap[:] = [(-s, o) for o, s in free_start.items()]
-            heapq.heapify(heap)
+        members = self._classes[cls]
+        if not members:
+            self._bitmap ^= self._bits[cls]
+        members[start] = size
+        largest = self._largest
+        if size > largest:
+            self._largest, self._n_largest = size, 1
+        elif size == largest:
+            self._n_largest += 1
 
     def _remove(self, start: int) -> int:
         size = self._free_start.pop(start)
@@ -277,8 +314,9 @@ class RangeAllocator:
         members = self._classes[cls]
         del members[start]
         if not members:
-            del self._classes[cls]
-            self._bitmap &= ~(1 << cls)
+            self._bitmap ^= self._bits[cls]
+        if size == self._largest:
+            self._n_largest -= 1
         return size
 
     # ------------------------------------------------------- for tests/debug
@@ -291,7 +329,7 @@ class RangeAllocator:
         return sorted(self._used.items())
 
     def check(self) -> None:
-        """Assert every invariant (O(n log n)). Raises AssertionError naming the first broken one."""
+        """Assert every invariant (O(n log n)); changes nothing. Raises AssertionError naming the first broken one."""
         a = self.align
         spans = sorted([(o, s, "used") for o, s in self._used.items()]
                        + [(o, s, "free") for o, s in self._free_start.items()])
@@ -306,10 +344,12 @@ class RangeAllocator:
         assert self.used_nbytes == sum(self._used.values()), "used_nbytes drifted"
         assert self.used_nbytes + sum(self._free_start.values()) == self.capacity, "used + free != capacity"
         assert {e: o for o, s in self._free_start.items() for e in [o + s]} == self._free_end, "end index drifted"
-        filed = {o: s for members in self._classes.values() for o, s in members.items()}
+        filed = {o: s for members in self._classes for o, s in members.items()}
         assert filed == self._free_start, "size classes drifted from the free list"
-        for cls, members in self._classes.items():
-            assert members and (self._bitmap >> cls) & 1, f"class {cls} empty or not in bitmap"
+        for cls, members in enumerate(self._classes):
+            assert bool(members) == bool((self._bitmap >> cls) & 1), f"bitmap bit {cls} disagrees with its class"
             assert all(_class_of(s >> self._shift) == cls for s in members.values()), f"misfiled in class {cls}"
-        assert self._bitmap.bit_count() == len(self._classes), "bitmap has bits for empty classes"
-        assert self.largest_free_nbytes == max(self._free_start.values(), default=0), "largest free is wrong"
+        assert self._bitmap >> len(self._classes) == 0, "bitmap has bits past the last class"
+        sizes = list(self._free_start.values())  # the largest-range cache, read without refreshing it
+        assert all(s <= self._largest for s in sizes), "a free range is larger than the cached largest"
+        assert sizes.count(self._largest) == self._n_largest, "cached count of the largest free range drifted"

@@ -130,29 +130,50 @@ class VMU(PagingMixin):
         OutOfMemory if no range is large enough even after retired ranges are reclaimed."""
         if nbytes is None:
             nbytes = self.session_arena_nbytes
+        # The hot path of session churn: the lock is taken with acquire/release (half the cost of `with`
+        # on an RLock), and with nothing retired or in flight the allocator is asked directly, as
+        # _locked_alloc would (its OutOfMemory is then final: no retired range can come back).
+        lock = self._lock
         while True:
-            with self._lock:
-                offset = self._locked_alloc(self.data, nbytes)
+            lock.acquire()
+            try:
+                allocator = self.data.allocator
+                if self._retired or self._jobs:
+                    offset = self._locked_alloc(self.data, nbytes)
+                else:
+                    offset = allocator.alloc(nbytes)
                 if offset is not None:
-                    arena = Arena(self, next(self._ids), session, offset, self.data.allocator.round_up(nbytes))
+                    align = allocator.align  # the arena gets the whole range: nbytes rounded up as alloc did
+                    arena = Arena(self, next(self._ids), session, offset, (nbytes + align - 1) & -align)
                     self._arenas[arena.id] = arena
                     return arena
+            finally:
+                lock.release()
             self._wait_for_room(self.data)
 
     def free_arena(self, arena: Arena, *, stream: Any = None) -> None:
         """Give the arena's memory back, once the work in flight on it is done. NotFound if already freed."""
-        self._require_live(arena)
+        arenas = self._arenas
+        if arenas.get(arena.id) is not arena:
+            self._require_live(arena)  # raises NotFound
         release = None
         if arena.residency == "device" and (arena._touched or arena._fence is not None):
             release = self._release_fence(arena, stream)
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: see alloc_arena
+        try:
             if arena.offset is not None:
-                self._retire(self.data, arena.offset, release)
+                if release is None:
+                    self.data.allocator.free(arena.offset)  # nothing in flight: _retire would free it at once
+                else:
+                    self._retire(self.data, arena.offset, release)
             if arena.host_offset is not None:
                 self._retire(self.host, arena.host_offset, arena._fence)  # a page-out may still write it
             arena.offset = arena.host_offset = None
             arena.residency = "none"
-            del self._arenas[arena.id]
+            del arenas[arena.id]
+        finally:
+            lock.release()
 
     def grow_arena(self, arena: Arena, nbytes: int, *, stream: Any = None) -> Arena:
         """Grow the arena to `nbytes`, preserving [0, used_nbytes). In place when the next range is free;

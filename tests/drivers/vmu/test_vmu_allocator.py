@@ -122,6 +122,44 @@ def test_alloc_succeeds_whenever_some_range_fits() -> None:
     a.check()
 
 
+def test_largest_free_counts_ties_and_searches_only_when_the_last_goes() -> None:
+    """Equal largest ranges are counted; taking one leaves the figure exact; taking the last makes it search."""
+    a = RangeAllocator(1 << 20, 256)
+    x, _, y, _ = a.alloc(4096), a.alloc(256), a.alloc(4096), a.alloc(256)
+    a.alloc(a.free_nbytes)  # no tail: the free ranges are the holes made below
+    a.free(x), a.free(y)
+    assert a._n_largest == 0  # the whole range went: "all smaller than 1 MiB" until a query searches
+    assert a.largest_free_nbytes == 4096 and (a._largest, a._n_largest) == (4096, 2)
+    assert a.alloc(4096) == x
+    assert (a._largest, a._n_largest) == (4096, 1) and a.largest_free_nbytes == 4096
+    a.alloc(1024)  # splits y: the last 4096 goes, the 3072 tail is not counted until a query searches
+    assert a._n_largest == 0
+    a.check()
+    assert a.largest_free_nbytes == 3072 and (a._largest, a._n_largest) == (3072, 1)
+    a.check()
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 1 << 14), st.booleans()), max_size=200),
+       st.integers(0, 1 << 16))
+@settings(max_examples=200, deadline=None)
+def test_largest_free_is_exact_under_random_churn(ops: list[tuple[bool, int, bool]], seed: int) -> None:
+    """Random alloc/free sequences with sparse queries: the figure always equals the largest free range."""
+    a = RangeAllocator(1 << 18, 256)
+    live: list[int] = []
+    for do_alloc, n, query in ops:
+        if do_alloc or not live:
+            try:
+                live.append(a.alloc(n))
+            except OutOfMemory:
+                pass
+        else:
+            a.free(live.pop((seed + n) % len(live)))
+        a.check()
+        if query:
+            assert a.largest_free_nbytes == max((s for _, s in a.free_ranges()), default=0)
+    assert a.largest_free_nbytes == max((s for _, s in a.free_ranges()), default=0)
+
+
 @given(st.integers(1, 1 << 40), st.integers(1, 1 << 40))
 def test_size_classes_are_monotonic_and_fitting(u: int, v: int) -> None:
     if u <= v:
@@ -171,6 +209,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         if self.a.try_extend(off, self.model[off] + extra):
             self.model[off] = self.a.size_of(off)
             assert self.model[off] >= extra
+
+    @rule()
+    def largest(self) -> None:
+        """Queried now and then, not after every step, so the cache also lives through long runs unread."""
+        assert self.a.largest_free_nbytes == max((s for _, s in self.a.free_ranges()), default=0)
 
     @invariant()
     def invariants(self) -> None:
