@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from ..errors import BadArgument, OutOfMemory
 
-__all__ = ["RangeAllocator", "SL_BITS", "SCAN_LIMIT"]
+__all__ = ["AT_SCAN_LIMIT", "RangeAllocator", "SL_BITS", "SCAN_LIMIT"]
 
 SL_BITS = 4  # 2**SL_BITS size classes per power of two: a class spans at most 1/16 of its lower bound
 SCAN_LIMIT = 8  # members of the request's own class inspected for a fit before taking a larger class
+AT_SCAN_LIMIT = 64  # free ranges alloc_at inspects, at most, for the one holding the span it wants
 
 
 def _class_of(units: int) -> int:
@@ -277,6 +278,48 @@ class RangeAllocator:
             self._insert(offset + size, have - (size - old))
         self._used[offset] = size
         self.used_nbytes += size - old
+        return True
+
+    def alloc_at(self, offset: int, nbytes: int) -> bool:
+        """Hand out exactly [offset, offset + nbytes rounded up) if all of it is free: True, else False
+        (nothing changed). For putting a range back where it was (a page-in to the arena's old
+        addresses). The free range holding it is looked for among at most AT_SCAN_LIMIT members of the
+        classes large enough to hold it, so this is O(1); a span it does not find is reported as not free."""
+        if nbytes <= 0:
+            raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
+        size = self.round_up(nbytes)
+        end = offset + size
+        if offset < 0 or offset % self.align or end > self.capacity:
+            return False
+        start = offset if offset in self._free_start else -1
+        if start < 0:  # the span lies inside a free range, in a class at least as large as the span's
+            cls = self._classes_for(size)[0]
+            bitmap = self._bitmap >> cls
+            looked = 0
+            while bitmap and start < 0 and looked < AT_SCAN_LIMIT:
+                skip = (bitmap & -bitmap).bit_length() - 1
+                cls += skip
+                for s, have in self._classes[cls].items():
+                    if s <= offset and end <= s + have:
+                        start = s
+                        break
+                    looked += 1
+                    if looked >= AT_SCAN_LIMIT:
+                        break
+                cls += 1
+                bitmap >>= skip + 1
+            if start < 0:
+                return False
+        have = self._free_start[start]
+        if end > start + have:
+            return False
+        self._remove(start)
+        if start < offset:
+            self._insert(start, offset - start)
+        if end < start + have:
+            self._insert(end, start + have - end)
+        self._used[offset] = size
+        self.used_nbytes += size
         return True
 
     # ---------------------------------------------------------------- helpers

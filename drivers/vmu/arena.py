@@ -33,7 +33,7 @@ class Arena:
 
     __slots__ = (
         "id", "session", "nbytes", "used_nbytes", "residency", "generation",
-        "offset", "host_offset", "_vmu", "_fence", "_in_fence", "_touched", "_stream",
+        "offset", "host_offset", "home_offset", "_vmu", "_fence", "_in_fence", "_touched", "_stream",
     )
 
     def __init__(self, vmu: "VMU", arena_id: int, session: object, offset: int, nbytes: int) -> None:
@@ -45,6 +45,7 @@ class Arena:
         self.generation = 0  # bumped whenever the storage moves
         self.offset: int | None = offset  # byte offset in the Data segment; None unless resident
         self.host_offset: int | None = None  # byte offset in the host pool while swapped (None if nothing used)
+        self.home_offset: int | None = None  # while swapped: the Data offset it left, where page_in tries first
         self._vmu = vmu
         self._fence: Fence | None = None  # the latest copy (copy stream or move) that reads or writes the range
         self._in_fence: Fence | None = None  # a copy into the range that compute has not yet been ordered after

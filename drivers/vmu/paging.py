@@ -48,6 +48,7 @@ class PagingMixin:
                     end = s.record()
                     job = PageJob("page_out", arena.session, n, start, end, self._account)
                     self._retire(self.data, arena.offset, end)
+                    arena.home_offset = arena.offset
                     arena.offset, arena.host_offset, arena.residency = None, (host_offset if n else None), "host"
                     arena._fence, arena._in_fence, arena._touched = end, None, False
                     self._jobs.append(job)
@@ -55,16 +56,28 @@ class PagingMixin:
             self._wait_for_room(self.host)
 
     def page_in(self: "VMU", arena: "Arena") -> PageJob:
-        """Copy the arena into a new device range (after its page-out, even one in flight). residency becomes
-        "device" and `generation` is bumped at once; the next view() orders compute after the copy.
+        """Copy the arena back into a device range (after its page-out, even one in flight). residency becomes
+        "device" at once; the next view() orders compute after the copy.
+
+        The arena goes back to the range it left when that range is free again: its device addresses are
+        then what they were, `generation` stays, and whatever was built on those addresses (views, CUDA
+        graphs) stays valid; bytes past used_nbytes read as zero (they were not preserved, and another
+        arena may have used the range meanwhile). Otherwise it gets a new range and `generation` is bumped.
         Busy if resident; OutOfMemory (still swapped) if the Data segment has no room."""
         self._require_live(arena)
         if arena.residency != "host":
             raise Busy(f"page_in: the arena of session {arena.session!r} is already on the device")
-        n, host_offset = arena.used_nbytes, arena.host_offset
+        n, host_offset, home = arena.used_nbytes, arena.host_offset, arena.home_offset
         while True:
             with self._lock:
-                offset = self._locked_alloc(self.data, arena.nbytes)
+                offset = None
+                if home is not None:
+                    if self._retired or self._jobs:
+                        self._reap()
+                    if self.data.allocator.alloc_at(home, arena.nbytes):
+                        offset = home
+                if offset is None:
+                    offset = self._locked_alloc(self.data, arena.nbytes)
                 if offset is not None:
                     s = self._h2d
                     if arena._fence is not None:
@@ -72,12 +85,16 @@ class PagingMixin:
                     start = s.record()
                     if n:
                         s.copy(self.data.bytes_at(offset, n), self.host.bytes_at(host_offset, n))
+                    if offset == home and n < arena.nbytes:
+                        s.zero(self.data.bytes_at(offset + n, arena.nbytes - n))
                     end = s.record()
                     job = PageJob("page_in", arena.session, n, start, end, self._account)
                     if host_offset is not None:
                         self._retire(self.host, host_offset, end)
                     arena.offset, arena.host_offset, arena.residency = offset, None, "device"
-                    arena.generation += 1
+                    arena.home_offset = None
+                    if offset != home:
+                        arena.generation += 1
                     arena._fence, arena._in_fence, arena._touched = end, end, False
                     self._jobs.append(job)
                     return job

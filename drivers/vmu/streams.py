@@ -35,6 +35,8 @@ class CopyStream(Protocol):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None: ...
 
+    def zero(self, dst: torch.Tensor) -> None: ...
+
     def record(self) -> Fence: ...
 
 
@@ -101,6 +103,9 @@ class _CpuStream:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self._tasks.put(lambda: dst.copy_(src))
 
+    def zero(self, dst: torch.Tensor) -> None:
+        self._tasks.put(dst.zero_)
+
     def record(self) -> Fence:
         fence = _CpuFence()
         self._tasks.put(lambda: fence._signal(self._error))
@@ -137,6 +142,10 @@ class _CudaStream:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
+
+    def zero(self, dst: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.zero_()
 
     def record(self) -> Fence:
         event = torch.cuda.Event(enable_timing=True)
