@@ -22,7 +22,14 @@ def cuda_vmu():  # type: ignore[no-untyped-def]
 
 def test_segments_live_where_they_should(cuda_vmu: VMU) -> None:
     assert cuda_vmu.data.tensor.is_cuda and cuda_vmu.text.tensor.is_cuda
-    assert not cuda_vmu.host.tensor.is_cuda and cuda_vmu.host.tensor.is_pinned()
+    assert not cuda_vmu.host.tensor.is_cuda
+    # Page-locked (cudaHostRegister; torch's is_pinned() does not see registered memory): a non-blocking
+    # device-to-host copy of 256 MiB returns while it still runs, which a pageable copy never does.
+    src = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    cuda_vmu.host.tensor[: 256 * MiB].copy_(src, non_blocking=True)
+    assert not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
     a = cuda_vmu.alloc_arena("s", 8 * MiB)
     v = a.view(torch.float16, (1024, 1024), 4096)
     lo = cuda_vmu.data.tensor.data_ptr()
