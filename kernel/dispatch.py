@@ -117,14 +117,8 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
         result = row.handler(kernel, call, **args)
         peer.reply(rid, {} if result is None else result)
         ok = True
-    except KernelError as err:
-        peer.reply_error(rid, err)
-    except InvalidTransition as exc:
-        kernel.quarantine(exc)
-        peer.reply_error(rid, EIO(f"{name}: internal state error; the session was closed: {exc}"))
-    except Exception as exc:  # noqa: BLE001 - a bug in a handler must not take the daemon down
-        log.exception("syscall %s failed with an unexpected error", name)
-        peer.reply_error(rid, EIO(f"{name}: internal error ({type(exc).__name__}: {exc})"))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
+        _reply_failure(kernel, peer, rid, name, exc)
     finally:
         kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, ok)
 
@@ -145,20 +139,28 @@ async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: An
         else:
             await _run(row, kernel, call, args, peer, rid)
         ok = True
-    except KernelError as err:
-        peer.reply_error(rid, err)
     except asyncio.CancelledError:
         if not peer.closed:
             peer.reply_error(rid, ECANCELED(f"{name}: cancelled (the daemon is shutting down)"))
         raise
-    except InvalidTransition as exc:
-        kernel.quarantine(exc)
-        peer.reply_error(rid, EIO(f"{name}: internal state error; the session was closed: {exc}"))
-    except Exception as exc:  # noqa: BLE001 - a bug in a handler must not take the daemon down
-        log.exception("syscall %s failed with an unexpected error", name)
-        peer.reply_error(rid, EIO(f"{name}: internal error ({type(exc).__name__}: {exc})"))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
+        _reply_failure(kernel, peer, rid, name, exc)
     finally:
         kernel.stats.record(label, _now() - t0, ok)
+
+
+def _reply_failure(kernel: Kernel, peer: Peer, rid: int, name: Any, exc: Exception) -> None:
+    """Answer a request that raised. A KernelError is its own errno. A session state-machine bug
+    quarantines that session and answers EIO; any other exception is a handler bug: logged, EIO.
+    Either way the daemon and every other session carry on."""
+    if isinstance(exc, KernelError):
+        peer.reply_error(rid, exc)
+    elif isinstance(exc, InvalidTransition):
+        kernel.quarantine(exc)
+        peer.reply_error(rid, EIO(f"{name}: internal state error; the session was closed: {exc}"))
+    else:
+        log.error("syscall %s failed with an unexpected error", name, exc_info=exc)
+        peer.reply_error(rid, EIO(f"{name}: internal error ({type(exc).__name__}: {exc})"))
 
 
 async def _run(row: Any, kernel: Kernel, call: Call, args: dict[str, Any], peer: Peer, rid: int) -> None:

@@ -1,0 +1,82 @@
+"""The dispatcher's failure paths, with a fake kernel and peer: every failure is a reply, none escapes.
+
+A KernelError answers its own errno; a session state-machine bug quarantines and answers EIO; any
+other exception from a handler is logged and answers EIO. The same holds for inline (plain) handlers
+and for handlers that run in a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import pytest
+
+from djinn.kernel import dispatch as dispatch_mod
+from djinn.kernel.errors import EBUSY, KernelError
+from djinn.kernel.sessions import InvalidTransition
+from djinn.kernel.stats import SyscallStats
+from djinn.syscalls.table import TABLE
+
+
+class FakePeer:
+    authed, uid, pid, closed = True, 0, 1, False
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, Any]] = []
+        self.errors: list[tuple[int, KernelError]] = []
+
+    def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
+        self.replies.append((rid, result))
+
+    def reply_error(self, rid: int, err: KernelError) -> None:
+        self.errors.append((rid, err))
+
+    async def drain(self) -> None:
+        pass
+
+
+class FakeKernel:
+    shutting_down = False
+
+    def __init__(self) -> None:
+        self.stats = SyscallStats()
+        self.quarantined: list[Exception] = []
+
+    def quarantine(self, exc: Exception) -> None:
+        self.quarantined.append(exc)
+
+
+FAILURES = [
+    (EBUSY("busy now"), "EBUSY", False),
+    (InvalidTransition("s-1", "RUNNING -> CLOSED"), "EIO", True),
+    (ZeroDivisionError("a handler bug"), "EIO", False),
+]
+
+
+@pytest.mark.parametrize(("exc", "errno", "quarantined"), FAILURES)
+@pytest.mark.parametrize("inline", [True, False])
+def test_every_failure_is_a_reply(monkeypatch, caplog, exc, errno, quarantined, inline) -> None:
+    def plain(k: Any, call: Any) -> None:
+        raise exc
+
+    async def in_task(k: Any, call: Any) -> None:
+        raise exc
+
+    # `nop` is an inline syscall (not in ASYNC_CALLS); dispatch() runs any handler in a task regardless
+    monkeypatch.setitem(TABLE, "nop", dataclasses.replace(TABLE["nop"], handler=plain if inline else in_task))
+    kernel, peer = FakeKernel(), FakePeer()
+    with caplog.at_level(logging.ERROR, logger="djinn.dispatch"):
+        if inline:
+            dispatch_mod.dispatch_now(kernel, peer, 7, "nop", {})
+        else:
+            asyncio.run(dispatch_mod.dispatch(kernel, peer, 7, "nop", {}))
+    assert peer.replies == [] and len(peer.errors) == 1
+    rid, err = peer.errors[0]
+    assert rid == 7 and err.errno == errno
+    assert bool(kernel.quarantined) == quarantined
+    assert ("a handler bug" in caplog.text) == isinstance(exc, ZeroDivisionError)
+    stats = kernel.stats.snapshot()["nop"]
+    assert stats["count"] == 1 and stats["errors"] == 1
