@@ -35,6 +35,7 @@ def test_latest_run_per_model_with_tables_per_kind_and_figures(tmp_path: Path) -
     text = render(latest, ["signals_cliff_llama-1b.svg", "signals_cliff_llama-8b.svg", "swap_x.svg"])
     one_b = text.split("## signals on GPU-X, dummy:llama-1b")[1].split("## ")[0]
     assert "**probe**" in one_b and "**density**" in one_b
+    assert "- model: `dummy:llama-1b`" in one_b  # a field every record of the run shares is shown once
     assert "| 2 |" in one_b and "| 1 |" not in one_b  # the old run's value is not shown
     assert "signals_cliff_llama-1b.svg" in one_b and "llama-8b.svg" not in one_b and "swap_x" not in one_b
     assert load(tmp_path, include_quick=True)[("signals", "GPU-X", "dummy:llama-8b")][0]["run_id"] == "quick-8b"
