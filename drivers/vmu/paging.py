@@ -38,18 +38,13 @@ class PagingMixin:
         n = arena.used_nbytes
         while True:
             with self._lock:
-                host_offset = self._locked_alloc(self.host, n) if n else 0
-                if host_offset is not None:
-                    s = self._d2h
-                    self._wait_for_arena(s, arena, stream)
-                    start = s.record()
-                    if n:
-                        s.copy(self.host.bytes_at(host_offset, n), self.data.bytes_at(arena.offset, n))
-                    end = s.record()
+                copied = self._copy_to_host(arena, n, stream)
+                if copied is not None:
+                    host_offset, start, end = copied
                     job = PageJob("page_out", arena.session, n, start, end, self._account)
                     self._retire(self.data, arena.offset, end)
                     arena.home_offset = arena.offset
-                    arena.offset, arena.host_offset, arena.residency = None, (host_offset if n else None), "host"
+                    arena.offset, arena.host_offset, arena.residency = None, host_offset, "host"
                     arena._fence, arena._in_fence, arena._touched = end, None, False
                     self._jobs.append(job)
                     return job
@@ -112,15 +107,10 @@ class PagingMixin:
         stream = stream if stream is not None else arena._stream
         while True:
             with self._lock:
-                host_offset = self._locked_alloc(self.host, n) if n else 0
-                if host_offset is not None:
-                    s = self._d2h
-                    self._wait_for_arena(s, arena, stream)
-                    start = s.record()
-                    if n:
-                        s.copy(self.host.bytes_at(host_offset, n), self.data.bytes_at(arena.offset, n))
-                    end = s.record()
-                    copy = HostCopy(arena.session, n, host_offset if n else None, start, end, self._account)
+                copied = self._copy_to_host(arena, n, stream)
+                if copied is not None:
+                    host_offset, start, end = copied
+                    copy = HostCopy(arena.session, n, host_offset, start, end, self._account)
                     touched = arena._touched
                     if ordered and not touched:
                         arena._in_fence = end  # no compute on it yet: the next view() waits for the copy
@@ -173,6 +163,20 @@ class PagingMixin:
             if host_copy.host_offset is not None:
                 self._retire(self.host, host_copy.host_offset, host_copy._last_use)
                 host_copy.host_offset = None
+
+    def _copy_to_host(self: "VMU", arena: "Arena", n: int, stream: Any) -> tuple[int | None, Any, Any] | None:
+        """Lock held. Enqueue the copy of the arena's first `n` bytes into a new host range on the d2h
+        stream, after the arena's queued compute and last copy: (host offset, or None when n is 0; start
+        fence; end fence). None if the host pool has no room now but retired ranges are coming back."""
+        host_offset = self._locked_alloc(self.host, n) if n else 0
+        if host_offset is None:
+            return None
+        s = self._d2h
+        self._wait_for_arena(s, arena, stream)
+        start = s.record()
+        if n:
+            s.copy(self.host.bytes_at(host_offset, n), self.data.bytes_at(arena.offset, n))
+        return (host_offset if n else None), start, s.record()
 
     def _wait_for_arena(self: "VMU", s: Any, arena: "Arena", stream: Any) -> None:
         """Make copy stream `s` wait for the compute queued on the arena and for its last copy."""
