@@ -357,9 +357,8 @@ _TEXT_HEADS: Final = tuple(bytes((0x60 | n,)) if n < 24 else bytes((0x78, n)) fo
 _pack_head16: Final = struct.Struct(">BH").pack
 _pack_head32: Final = struct.Struct(">BI").pack
 _pack_head64: Final = struct.Struct(">BQ").pack
-_RESULT_OPEN: Final = b"\xa3\x62id"  # map(3), "id"
+_MAP3_ID: Final = b"\xa3\x62id"  # map(3), "id": how a request and a successful reply begin
 _RESULT_MIDDLE: Final = b"\x62ok\xf5\x66result"  # "ok": true, "result"
-_CALL_OPEN: Final = b"\xa3\x62id"  # map(3), "id"
 _CALL_MIDDLE: Final = b"\x64call"
 _ARGS_KEY: Final = b"\x64args"
 _EMPTY_MAP: Final = b"\xa0"
@@ -392,7 +391,7 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    encoded = b"".join((_RESULT_OPEN, _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE, _value_cbor(result)))
+    encoded = b"".join((_MAP3_ID, _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE, _value_cbor(result)))
     if len(encoded) > limits.max_header_nbytes:
         raise _header_too_big(len(encoded), limits)
     return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), 0) + encoded
@@ -410,7 +409,7 @@ def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = D
     except UnicodeEncodeError as exc:
         raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
     encoded = b"".join((
-        _CALL_OPEN, _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE, _cbor_head(0x60, len(name_utf8), _TEXT_HEADS),
+        _MAP3_ID, _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE, _cbor_head(0x60, len(name_utf8), _TEXT_HEADS),
         name_utf8, _ARGS_KEY, _value_cbor(args),
     ))
     if len(encoded) > limits.max_header_nbytes:

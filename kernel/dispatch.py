@@ -3,10 +3,11 @@
 Rules:
 - Lookup, argument validation and the ownership check happen here, once, for
   every syscall; handlers receive clean arguments and a resolved Session.
-- A handler's kind says how it runs. A coroutine (or async generator) runs in a
-  task of its own (`dispatch`). A plain function is a control syscall that never
-  waits: it runs at once, inside the protocol callback that read its frame
-  (`dispatch_now`), with no task. Plain handlers take no session and touch no device.
+- Every request is checked at once, in arrival order, inside the protocol
+  callback that read its frame (`dispatch_now`). A handler's kind then says how
+  it runs. A plain function is a control syscall that never waits: it runs there
+  and then, with no task; plain handlers take no session and touch no device. A
+  coroutine (or async generator) runs in a task of its own (`dispatch`).
 - Requests of one session run in arrival order (the session's lock, FIFO);
   requests of different sessions, and control syscalls, interleave freely.
 - Every outcome is a reply: a KernelError becomes its errno, anything else is a
@@ -19,6 +20,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from djinn.syscalls.schema import validate
@@ -105,31 +107,41 @@ def _prepare(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> 
     return row, _new_call(Call, (rid, name, peer)), args
 
 
-def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> None:
-    """Answer a request whose handler is a plain function (a name not in ASYNC_CALLS), before returning.
+def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> Coroutine[Any, Any, None] | None:
+    """The part of every request that runs at once, in arrival order, inside the protocol callback:
+    lookup, the hello/token check, argument validation and the shutdown refusal. A plain handler
+    (a name not in ASYNC_CALLS) then runs and is answered before this returns (None). For any other
+    the coroutine that runs the handler is returned, for the caller to start as a task; a request
+    that fails here is answered at once (None). Never raises. The handler must not block.
 
-    Never raises. Runs on the loop thread; the handler must not block.
+    Checking every request before any handler of a later one runs keeps "hello first" true for
+    pipelined requests: hello, answered inline, cannot authenticate a call sent before it.
     """
     t0 = _now()
     ok = False
+    in_task = type(name) is str and name in ASYNC_CALLS
     try:
         row, call, args = _prepare(kernel, peer, rid, name, raw_args)
+        if in_task:
+            ok = True
+            return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
         result = row.handler(kernel, call, **args)
         peer.reply(rid, {} if result is None else result)
         ok = True
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)
     finally:
-        kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, ok)
+        if not (ok and in_task):
+            kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, ok)
+    return None
 
 
-async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> None:
-    """Run one request to completion and send its reply (or replies). Never raises but CancelledError."""
-    t0 = _now()
+async def dispatch(kernel: Kernel, peer: Peer, row: Any, call: Call, args: dict[str, Any], t0: float) -> None:
+    """Run a checked request (from dispatch_now) to completion and send its reply (or replies).
+    Never raises but CancelledError."""
     ok = False
-    label = name if isinstance(name, str) and name in TABLE else "<unknown>"
+    rid, name = call.id, call.name
     try:
-        row, call, args = _prepare(kernel, peer, rid, name, raw_args)
         if "session" in row.flags:
             session = kernel.sessions.get(args["session"], call.uid)
             args["session"] = session
@@ -146,7 +158,7 @@ async def dispatch(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: An
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)
     finally:
-        kernel.stats.record(label, _now() - t0, ok)
+        kernel.stats.record(name, _now() - t0, ok)
 
 
 def _reply_failure(kernel: Kernel, peer: Peer, rid: int, name: Any, exc: Exception) -> None:

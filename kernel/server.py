@@ -5,11 +5,11 @@ Rules:
   (`asyncio.BufferedProtocol`); large payloads land in buffers from the payload
   pool. Replies leave through `write` / `writelines` of bytes and memoryviews.
 - `buffer_updated` feeds the decoder and hands each whole frame to the
-  dispatcher: a control syscall (plain handler) is answered there and then, any
-  other starts one task. It never waits. The reply to a read's only request is
-  written at once, before the bookkeeping; replies to the requests of a read that
-  carries several leave together in one write. Too many tasks in flight pause
-  reading (backpressure).
+  dispatcher, which checks it there and then, in arrival order: a control
+  syscall (plain handler) is answered at once, any other starts one task. It
+  never waits. The reply to a read's only request is written at once, before the
+  bookkeeping; replies to the requests of a read that carries several leave
+  together in one write. Too many tasks in flight pause reading (backpressure).
 - A protocol error answers EPROTO (request id 0) and closes that connection
   only. Every other connection carries on.
 - The Unix socket is 0660. An existing socket file is replaced only after a test
@@ -29,7 +29,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
-from .dispatch import ASYNC_CALLS, dispatch, dispatch_now
+from .dispatch import dispatch_now
 from .errors import EPROTO, KernelError
 from .tensors import PAYLOAD_POOL, encode_message, encode_reply, unpack
 
@@ -137,10 +137,10 @@ class Connection(asyncio.BufferedProtocol):
             except KernelError as err:
                 self.reply_error(rid, err)
                 return
-        if name not in ASYNC_CALLS:
-            dispatch_now(self.kernel, self, rid, name, args)
+        work = dispatch_now(self.kernel, self, rid, name, args)  # checks it now; answers a control syscall
+        if work is None:
             return
-        task = asyncio.get_running_loop().create_task(dispatch(self.kernel, self, rid, name, args))
+        task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         if len(self.tasks) >= self.kernel.limits.max_inflight and not self._reading_paused and self.transport:
@@ -167,22 +167,27 @@ class Connection(asyncio.BufferedProtocol):
         try:
             parts = encode_reply(rid, result, flags=FLAG_MORE if more else 0, limits=self.kernel.limits)
         except KernelError as err:
-            parts = encode_message({"id": rid, "ok": False, "error": err.to_wire()}, limits=self.kernel.limits)
-        if self._corking:
-            self._corked += parts
-        else:
-            self._write(parts)
+            parts = self._error_parts(rid, err)
+        self._queue(parts)
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         if self.closed or self.transport is None:
             return
-        self._send({"id": rid, "ok": False, "error": err.to_wire()}, 0)
+        self._queue(self._error_parts(rid, err))
         if self.close_after_reply:
             self.close()
 
-    def _send(self, header: dict[str, Any], flags: int) -> None:
-        assert self.transport is not None
-        parts = encode_message(header, flags=flags, limits=self.kernel.limits)
+    def _error_parts(self, rid: int, err: KernelError) -> list[Part]:
+        """An error reply. One that cannot be encoded (a message past the header limit, say, when
+        it echoes a huge name) goes without its details and with its message cut: never raises."""
+        limits = self.kernel.limits
+        try:
+            return encode_message({"id": rid, "ok": False, "error": err.to_wire()}, limits=limits)
+        except KernelError:
+            bare = {"errno": err.errno, "code": err.code, "message": err.message[:1000] + " [cut]"}
+            return encode_message({"id": rid, "ok": False, "error": bare}, limits=limits)
+
+    def _queue(self, parts: list[Part]) -> None:
         if self._corking:
             self._corked += parts
         else:

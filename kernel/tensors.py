@@ -165,7 +165,9 @@ class PayloadPool:
     which is when the frame and every tensor unpacked from it are gone, its storage
     goes back to the pool and serves a later payload of about the same size, so a
     stream of large frames reuses pages that are already mapped instead of faulting
-    in fresh ones. Idle storage is trimmed to `max_idle_nbytes` on the next call.
+    in fresh ones. Storage larger than `max_idle_nbytes` is never kept; the rest is
+    trimmed to `max_idle_nbytes` on the next call, so what waits for that call is at
+    most what was alive at once.
     Thread-safe: a frame may die on any thread (the device worker, a client's caller).
     """
 
@@ -189,8 +191,13 @@ class PayloadPool:
         if storage is None:
             storage = torch.empty(-(-nbytes // self.min_nbytes) * self.min_nbytes, dtype=torch.uint8)
         view = storage[:nbytes].numpy()
-        weakref.finalize(view, self._returned.append, storage).atexit = False
+        weakref.finalize(view, self._give_back, storage).atexit = False
         return view
+
+    def _give_back(self, storage: torch.Tensor) -> None:
+        # Runs when a payload view dies, on any thread, maybe inside a GC pass: no lock here.
+        if storage.numel() <= self.max_idle_nbytes:
+            self._returned.append(storage)
 
     @property
     def idle_nbytes(self) -> int:

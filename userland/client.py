@@ -116,16 +116,24 @@ class Kernel:
                 finally:
                     self._waiting -= 1
         try:
-            while True:
-                frame = self._read_frame()
-                if frame.header["id"] == rid:
-                    return frame
-                self._route(frame)
+            return self._read_until(rid)
         finally:
-            with self._lock:
-                self._reading = False
-                if self._waiting:
-                    cv.notify_all()
+            self._release_reader()
+
+    def _read_until(self, rid: int) -> Any:
+        """The next frame for `rid`, routing frames for other requests to their inboxes. The caller holds
+        the reader's chair (`_reading`)."""
+        while True:
+            frame = self._read_frame()
+            if frame.header["id"] == rid:
+                return frame
+            self._route(frame)
+
+    def _release_reader(self) -> None:
+        with self._lock:
+            self._reading = False
+            if self._waiting:
+                self._cv.notify_all()
 
     def _route(self, frame: Any) -> None:
         """Hand a frame read for another request to its inbox. Raises the error of an id-0 error frame."""
@@ -190,27 +198,12 @@ class Kernel:
         # directly, with no inbox, routing any frame for another request to its inbox.
         try:
             with self._send_lock:
-                if len(parts) == 1:
-                    self._sock.sendall(parts[0])
-                else:
-                    self._send(parts)
-            while True:
-                frame = self._read_frame()
-                if frame.header["id"] != rid:
-                    self._route(frame)
-                elif frame.flags & FLAG_MORE:
-                    self._decode(frame)
-                else:
-                    break
+                self._send(parts)
+            while (frame := self._read_until(rid)).flags & FLAG_MORE:
+                self._decode(frame)
         finally:
-            with self._lock:
-                self._reading = False
-                if self._waiting:
-                    self._cv.notify_all()
-        header = frame.header
-        if header.get("ok") is not True:
-            raise from_wire(header.get("error"))
-        return unpack(header["result"], frame)
+            self._release_reader()
+        return self._decode(frame)
 
     def stream(self, name: str, /, **args: Any) -> Iterator[Any]:
         """A streamed syscall: yields each frame's result until the final one (not yielded)."""

@@ -8,9 +8,10 @@ Rules:
   layout), so attention cost follows the sequence length, not max_tokens.
 - Masked-out rows are still read by the attention kernels, and 0 * NaN is NaN, so rows at and past
   `position` must hold finite values: they are zeroed once per arena generation (fresh or moved
-  storage is garbage). Zeroing does not raise the arena's high-water mark.
-- A generation change (page-out/in, grow, restore) drops every graph and their pool; the next step
-  re-captures.
+  storage is garbage). Zeroing does not raise the arena's high-water mark. A page-in back into the
+  arena's old range keeps its generation: the VMU zeroes the bytes past the high-water mark itself.
+- A generation change (grow by move, a page-in to a new range) and a checkpoint restore drop every
+  graph and their pool; the next step re-captures. A page-in to the old range keeps them.
 - Graphs of one decoder share one memory pool; graphs of different states never share one, because
   sessions may run on different CUDA streams.
 - Capture warms up once on a side stream with the real inputs (the same row is rewritten with the same

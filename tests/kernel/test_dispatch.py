@@ -65,18 +65,20 @@ def test_every_failure_is_a_reply(monkeypatch, caplog, exc, errno, quarantined, 
     async def in_task(k: Any, call: Any) -> None:
         raise exc
 
-    # `nop` is an inline syscall (not in ASYNC_CALLS); dispatch() runs any handler in a task regardless
-    monkeypatch.setitem(TABLE, "nop", dataclasses.replace(TABLE["nop"], handler=plain if inline else in_task))
+    # the same handler run inline (as nop) or in a task (models made async here)
+    name = "nop" if inline else "models"
+    monkeypatch.setitem(TABLE, name, dataclasses.replace(TABLE[name], handler=plain if inline else in_task))
+    monkeypatch.setattr(dispatch_mod, "ASYNC_CALLS", frozenset() if inline else frozenset({name}))
     kernel, peer = FakeKernel(), FakePeer()
     with caplog.at_level(logging.ERROR, logger="djinn.dispatch"):
-        if inline:
-            dispatch_mod.dispatch_now(kernel, peer, 7, "nop", {})
-        else:
-            asyncio.run(dispatch_mod.dispatch(kernel, peer, 7, "nop", {}))
+        work = dispatch_mod.dispatch_now(kernel, peer, 7, name, {})
+        assert (work is None) == inline
+        if work is not None:
+            asyncio.run(work)
     assert peer.replies == [] and len(peer.errors) == 1
     rid, err = peer.errors[0]
     assert rid == 7 and err.errno == errno
     assert bool(kernel.quarantined) == quarantined
     assert ("a handler bug" in caplog.text) == isinstance(exc, ZeroDivisionError)
-    stats = kernel.stats.snapshot()["nop"]
+    stats = kernel.stats.snapshot()[name]
     assert stats["count"] == 1 and stats["errors"] == 1

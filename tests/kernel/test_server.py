@@ -130,6 +130,35 @@ def test_request_before_hello_is_eproto(djinnd):
     assert reply["error"]["errno"] == "EPROTO" and "hello" in reply["error"]["message"]
 
 
+def test_pipelined_request_before_hello_is_refused_even_if_hello_follows(djinnd):
+    """hello is answered inline and other calls run in tasks, yet a call sent before hello is
+    checked before hello runs: it gets EPROTO, and hello then succeeds."""
+    s = _raw(djinnd.path)
+    s.sendall(b"".join(encode_message({"id": 1, "call": "open_session", "args": {}}))
+              + b"".join(encode_message({"id": 2, "call": "hello", "args": {"protocol": abi.PROTOCOL_VERSION}})))
+    dec, replies = Decoder(), {}
+    while len(replies) < 2:
+        while (frame := dec.next_frame()) is not None:
+            replies[frame.header["id"]] = frame.header
+        if len(replies) < 2:
+            data = s.recv(1 << 16)
+            assert data, f"connection closed after {replies}"
+            dec.feed(data)
+    assert replies[1]["ok"] is False and replies[1]["error"]["errno"] == "EPROTO"
+    assert replies[2]["ok"] is True
+
+
+def test_an_error_too_large_to_encode_is_still_answered(djinnd):
+    """ENOSYS echoes the call's name: for a name just under the header limit the error would not fit,
+    so it goes with its message cut, and the connection carries on."""
+    s = _raw(djinnd.path)
+    name = "x" * ((1 << 20) - 60)
+    s.sendall(b"".join(encode_message({"id": 4, "call": name, "args": {}})))
+    reply = _read_reply(s)
+    assert reply["id"] == 4 and reply["error"]["errno"] == "ENOSYS" and reply["error"]["message"].endswith("[cut]")
+    _hello(s)
+
+
 def test_version_mismatch_names_both_versions(djinnd):
     s = _raw(djinnd.path)
     s.sendall(b"".join(encode_message({"id": 1, "call": "hello", "args": {"protocol": 99}})))

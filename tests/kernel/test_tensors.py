@@ -346,6 +346,14 @@ def test_pool_keeps_at_most_its_idle_limit() -> None:
     del buf
 
 
+def test_pool_never_holds_a_payload_larger_than_its_idle_limit() -> None:
+    pool = PayloadPool(min_nbytes=1024, max_idle_nbytes=1 << 20)
+    buf = pool(8 << 20)
+    del buf
+    assert not pool._returned  # dropped when it died, not held until the next call
+    assert pool.idle_nbytes == 0
+
+
 def test_pool_takes_buffers_back_from_other_threads() -> None:
     pool = PayloadPool(min_nbytes=1024)
     bufs = [pool(1 << 16) for _ in range(8)]
