@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from djinn.drivers import units
+from djinn.drivers.errors import BadArgument
+
 __all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "parse_size"]
 
 
@@ -44,40 +47,17 @@ def default_socket_path(*, for_client: bool = False) -> str:
     return user
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
-
-
 def parse_size(value: str | int | float) -> int | float:
-    """A size setting: an int of bytes, "512MiB"/"4GB" (binary units), or a fraction in (0, 1].
+    """A size setting: an int of bytes, "512MiB"/"4GB" (binary units), or a fraction ("0.5", "50%").
 
     Fractions are returned as floats and resolved later against the memory free at
-    boot. Raises ValueError with the accepted forms on anything else.
+    boot. The parser is the VMU's (`djinn.drivers.units`). Raises ValueError with the
+    accepted forms on anything else.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"size must be bytes, '4GiB' or a fraction, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size must be >= 0, got {value}")
-        return value
-    if isinstance(value, float):
-        if 0 < value <= 1:
-            return value
-        raise ValueError(f"a fractional size must be in (0, 1], got {value}")
-    text = str(value).strip().lower().replace(" ", "")
-    if not text:
-        raise ValueError("empty size")
     try:
-        f = float(text)
-    except ValueError:
-        pass
-    else:
-        return parse_size(f if "." in text else int(f))
-    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(num):]
-    if unit not in _UNITS or not num:
-        raise ValueError(f"bad size {value!r}: use bytes, a unit (e.g. 512MiB, 4GB) or a fraction like 0.5")
-    return int(float(num) * _UNITS[unit])
+        return units.parse_size(value)
+    except BadArgument as e:
+        raise ValueError(str(e)) from None
 
 
 def _bool(value: Any) -> bool:

@@ -7,6 +7,7 @@ reply frame to its request's future (or stream queue) by id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from typing import Any, AsyncIterator
@@ -90,25 +91,28 @@ class AsyncKernel:
         return unpack(h.get("result"), frame)
 
     async def syscall(self, name: str, /, **args: Any) -> Any:
-        rid, q = self._submit(name, args)
-        try:
-            while True:
-                frame = await q.get()
-                result = self._decode(frame)
-                if not frame.more:
-                    return result
-        finally:
-            self._proto.waiters.pop(rid, None)
+        async with contextlib.aclosing(self._replies(name, args)) as replies:
+            async for result, _more in replies:
+                pass  # every frame is decoded (an error raises); the final one's result is the reply
+        return result
 
     async def stream(self, name: str, /, **args: Any) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(self._replies(name, args)) as replies:
+            async for result, more in replies:
+                if not more:
+                    return
+                yield result
+
+    async def _replies(self, name: str, args: dict[str, Any]) -> AsyncIterator[tuple[Any, bool]]:
+        """(decoded result, more frames follow) for each frame of the reply, up to the final one."""
         rid, q = self._submit(name, args)
         try:
             while True:
                 frame = await q.get()
                 result = self._decode(frame)
+                yield result, bool(frame.more)
                 if not frame.more:
                     return
-                yield result
         finally:
             self._proto.waiters.pop(rid, None)
 
