@@ -21,6 +21,9 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   process's first-use costs on both sides. warm: steady state after warm-up, native and djinnd in
   alternating blocks. Every djinnd forward runs in a fresh session (opening and closing it untimed), since
   a session's KV cache only grows.
+- where the time goes (warm): from `stat` before and after the warm rounds, the daemon's mean time per forward
+  (dispatch to reply written) and the device worker's busy time per forward; with the client's mean they split
+  the overhead into the client and wire, the daemon around the worker, and the worker itself.
 Targets (warm): full forward <= 1% over native, one layer <= 5%; the micro-op is reported as it is.
 """
 
@@ -130,11 +133,13 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     driver: list[float] = []
     djinn: list[float] = []
     samples = (native, driver, djinn)
+    before = _daemon_counters(k)
     for r in progress(range(args.rounds), f"{label}: warm rounds"):
         for i in range(3):  # rotate which side goes first
             side = (r + i) % 3
             for _ in range(args.block):
                 samples[side].append(sides[side]())
+    inside = _daemon_means_ms(before, _daemon_counters(k), len(djinn))
     native_logits = hf_last_logits(hf, ids, dev)
     djinn_logits = _djinn_forward(k, name, ids)[1]
     same_work_diff = float((native_logits - djinn_logits).abs().max())
@@ -157,11 +162,35 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
                djinn_p99_ms=d_s["p99_ms"], native_p99_ms=n_s["p99_ms"], djinn_mean_ms=d_s["mean_ms"],
                native_mean_ms=n_s["mean_ms"], ratio_mean=d_s["mean_ms"] / n_s["mean_ms"],
                overhead_ms=d_s["p50_ms"] - n_s["p50_ms"], driver_inprocess_ms=v_s["p50_ms"],
-               ratio_vs_driver_inprocess=d_s["p50_ms"] / v_s["p50_ms"], n=len(djinn), **common)
+               ratio_vs_driver_inprocess=d_s["p50_ms"] / v_s["p50_ms"], n=len(djinn), **inside, **common)
     rows.append([f"{label} (cold)", cn["p50_ms"], float("nan"), cd["p50_ms"], cd["p50_ms"] / cn["p50_ms"]])
     rows.append([f"{label} (warm)", n_s["p50_ms"], v_s["p50_ms"], d_s["p50_ms"], d_s["p50_ms"] / n_s["p50_ms"]])
+    print(f"{label} (warm), means in ms: client {d_s['mean_ms']:.3f}, in djinnd {inside['daemon_forward_mean_ms']:.3f}, "
+          f"device worker {inside['worker_per_forward_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f})")
     if bare is not None:
         rows.append(["  one bare block, native", bare, float("nan"), float("nan"), float("nan")])
+
+
+def _daemon_counters(k: Any) -> tuple[int, float, int, float]:
+    """(forward count, forward total_s, worker calls, worker busy_s) from `stat`."""
+    st = k.stat()
+    fwd = st["syscalls"].get("forward", {})
+    return int(fwd.get("count", 0)), float(fwd.get("total_s", 0.0)), int(st["worker"]["calls"]), float(st["worker"]["busy_s"])
+
+
+def _daemon_means_ms(before: tuple[int, float, int, float], after: tuple[int, float, int, float],
+                     n_forwards: int) -> dict[str, float]:
+    """Where the warm djinnd forwards' time went, as means over the warm rounds (the bench is djinnd's only client):
+    the daemon's own time per forward (dispatch to reply written) and the device worker's busy time per forward
+    (which also holds the untimed open and close of each forward's session). The client's mean minus the
+    daemon's is the wire, the client library and the wake-ups on both ends; the daemon's minus the worker's is
+    dispatch, the hand-offs to the worker and back, and the reply."""
+    forwards = after[0] - before[0]
+    if forwards != n_forwards:
+        raise RuntimeError(f"djinnd counted {forwards} forwards in the warm rounds, the bench made {n_forwards}")
+    return {"daemon_forward_mean_ms": (after[1] - before[1]) / forwards * 1e3,
+            "worker_per_forward_mean_ms": (after[3] - before[3]) / forwards * 1e3,
+            "worker_calls_per_forward": (after[2] - before[2]) / forwards}
 
 
 def _bare_layer_ms(su: Any, n_tokens: int, n: int) -> Callable[[Any], float]:

@@ -1,7 +1,9 @@
 """Per-syscall counters and latency percentiles for `stat`.
 
 Rules: recording is O(1) on the loop thread (a bounded ring of recent latencies
-per syscall); percentiles are computed only when `stat` asks.
+per syscall, and a running total: the mean over any interval is the difference of
+two snapshots' total_s over that of their counts); percentiles are computed only
+when `stat` asks. A latency runs from the request's dispatch to its last reply frame.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ WINDOW = 2048  # latencies kept per syscall for p50/p99: recent enough to show c
 class _Entry:
     count: int = 0
     errors: int = 0
+    total_s: float = 0.0
     recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
 
@@ -39,6 +42,7 @@ class SyscallStats:
         if e is None:
             e = self._by_name[name] = _Entry()
         e.count += 1
+        e.total_s += seconds
         if not ok:
             e.errors += 1
         e.recent_s.append(seconds)
@@ -47,6 +51,6 @@ class SyscallStats:
         out: dict[str, dict[str, float | int]] = {}
         for name, e in self._by_name.items():
             s = sorted(e.recent_s)
-            out[name] = {"count": e.count, "errors": e.errors,
+            out[name] = {"count": e.count, "errors": e.errors, "total_s": e.total_s,
                          "p50_us": _pct(s, 0.50) * 1e6, "p99_us": _pct(s, 0.99) * 1e6}
         return out

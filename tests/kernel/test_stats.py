@@ -1,0 +1,41 @@
+"""SyscallStats: counts, errors, a running total for interval means, percentiles of a bounded window."""
+
+from __future__ import annotations
+
+import pytest
+
+from djinn.kernel.stats import WINDOW, SyscallStats
+
+
+def test_counts_errors_total_and_percentiles() -> None:
+    stats = SyscallStats()
+    for ms in (1, 2, 3, 4):
+        stats.record("forward", ms / 1e3, ok=ms != 4)
+    snap = stats.snapshot()["forward"]
+    assert snap["count"] == 4 and snap["errors"] == 1
+    assert snap["total_s"] == pytest.approx(0.010)
+    assert snap["p50_us"] == pytest.approx(2500.0)
+    assert snap["p99_us"] == pytest.approx(3970.0)
+
+
+def test_interval_mean_from_two_snapshots_survives_the_window() -> None:
+    stats = SyscallStats()
+    for _ in range(WINDOW + 10):  # more than the percentile window holds
+        stats.record("nop", 1e-3, ok=True)
+    before = stats.snapshot()["nop"]
+    for _ in range(3):
+        stats.record("nop", 4e-3, ok=True)
+    after = stats.snapshot()["nop"]
+    mean_s = (after["total_s"] - before["total_s"]) / (after["count"] - before["count"])
+    assert mean_s == pytest.approx(4e-3)
+    assert after["p50_us"] == pytest.approx(1000.0)  # the window still holds mostly the older calls
+
+
+def test_names_are_kept_apart_and_empty_stats_snapshot_empty() -> None:
+    stats = SyscallStats()
+    assert stats.snapshot() == {}
+    stats.record("a", 1.0, ok=True)
+    stats.record("b", 2.0, ok=False)
+    snap = stats.snapshot()
+    assert snap["a"]["total_s"] == 1.0 and snap["a"]["errors"] == 0
+    assert snap["b"]["total_s"] == 2.0 and snap["b"]["errors"] == 1
