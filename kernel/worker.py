@@ -12,13 +12,13 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from typing import Any, Callable, TypeVar
 
-from .errors import EIO, ENOMEM, KernelError, error_class
+from .errors import ECANCELED, EIO, ENOMEM, KernelError, error_class
 
 __all__ = ["DeviceWorker", "to_kernel_error"]
 
@@ -48,34 +48,59 @@ def to_kernel_error(exc: BaseException) -> KernelError:
 
 
 class DeviceWorker:
-    """A single thread that owns one device. `await worker.run(fn, *args)` runs fn there."""
+    """A single thread that owns one device. `await worker.run(fn, *args)` runs fn there.
+
+    A job is (loop, future, fn, args) on a SimpleQueue; the thread runs it and hands the
+    outcome back with one `call_soon_threadsafe`. That is the whole path: no executor,
+    work item or chained future in between, since every device syscall pays for it twice
+    (one hand-off out, one back).
+    """
 
     def __init__(self, name: str = "djinn-device-0") -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._thread_ident: int | None = None
-        self.busy_s = 0.0
+        self._jobs: queue.SimpleQueue[tuple[Any, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        self.busy_s = 0.0  # written by the worker thread only; read by stat
         self.calls = 0
-        self._pool.submit(self._mark_thread).result()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
-    def _mark_thread(self) -> None:
-        self._thread_ident = threading.get_ident()
+    def _serve(self) -> None:
+        jobs = self._jobs
+        now = time.perf_counter
+        while (job := jobs.get()) is not None:
+            loop, future, fn, args = job
+            if future.cancelled():  # its request was cancelled while it waited: never started, like an executor's
+                continue
+            t0 = now()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - crosses back to the awaiting task
+                self._deliver(loop, _set_exception, future, exc)
+            else:
+                self._deliver(loop, _set_result, future, result)
+            finally:
+                self.busy_s += now() - t0
+                self.calls += 1
 
-    def on_worker(self) -> bool:
-        return threading.get_ident() == self._thread_ident
-
-    def _timed(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        t0 = time.perf_counter()
+    @staticmethod
+    def _deliver(loop: Any, setter: Callable[[asyncio.Future[Any], Any], None], future: asyncio.Future[Any],
+                 value: Any) -> None:
         try:
-            return fn(*args)
-        finally:
-            self.busy_s += time.perf_counter() - t0
-            self.calls += 1
+            loop.call_soon_threadsafe(setter, future, value)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits for this any more
+            pass
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the worker; raises the KernelError its exception maps to."""
+        if self._closed:
+            raise ECANCELED("the device worker has stopped (the daemon is shutting down)")
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
         try:
-            return await asyncio.wrap_future(self._pool.submit(self._timed, fn, args), loop=loop)
+            return await future
         except KernelError:
             raise
         except asyncio.CancelledError:
@@ -83,12 +108,26 @@ class DeviceWorker:
         except Exception as exc:  # noqa: BLE001 - every driver failure becomes an errno
             err = to_kernel_error(exc)
             if err.errno == "EIO":
-                log.exception("driver call %s failed", getattr(fn, "__qualname__", fn))
+                log.error("driver call %s failed", getattr(fn, "__qualname__", fn), exc_info=exc)
             raise err from exc
 
-    def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """For boot and shutdown only, before/after the loop serves requests."""
-        return self._pool.submit(self._timed, fn, args).result()
-
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Run what is queued, then stop the thread. Later run() calls raise ECANCELED."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+        self._thread.join()
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        if isinstance(exc, StopIteration) or not isinstance(exc, Exception):
+            # asyncio refuses StopIteration, and a SystemExit or the like re-raised in the loop
+            # would end the daemon: either is a driver bug, answered EIO like any other.
+            exc = RuntimeError(f"the driver call raised {type(exc).__name__}: {exc}")
+        future.set_exception(exc)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from djinn.drivers.errors import BadArgument, Busy, OutOfMemory
-from djinn.kernel.errors import EBUSY, EINVAL, EIO, ENOMEM
+from djinn.kernel.errors import EBUSY, ECANCELED, EINVAL, EIO, ENOMEM
 from djinn.kernel.worker import DeviceWorker
 
 
@@ -57,3 +57,47 @@ async def test_real_cuda_oom_is_enomem_for_that_request_only(worker):
     with pytest.raises(ENOMEM):
         await worker.run(too_big)
     assert await worker.run(lambda: int(torch.ones(4, device="cuda").sum())) == 4
+
+
+async def test_a_job_cancelled_before_it_starts_never_runs(worker):
+    gate = threading.Event()
+    ran: list[str] = []
+    blocker = asyncio.ensure_future(worker.run(gate.wait))
+    queued = asyncio.ensure_future(worker.run(lambda: ran.append("queued")))
+    await asyncio.sleep(0.01)
+    queued.cancel()
+    gate.set()
+    await blocker
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert await worker.run(lambda: "after") == "after"
+    assert ran == []
+
+
+@pytest.mark.parametrize("exc", [StopIteration("x"), SystemExit(3), GeneratorExit()])
+async def test_exceptions_asyncio_cannot_carry_become_eio(worker, exc):
+    with pytest.raises(EIO):
+        await worker.run(_raise(exc))
+    assert await worker.run(lambda: 1) == 1
+
+
+async def test_busy_time_and_calls_are_counted():
+    w = DeviceWorker()
+    try:
+        await w.run(lambda: threading.Event().wait(0.02))
+        await w.run(lambda: None)
+        assert w.calls == 2 and w.busy_s >= 0.02
+    finally:
+        w.close()
+
+
+async def test_close_runs_what_is_queued_then_refuses_new_work():
+    w = DeviceWorker()
+    done: list[int] = []
+    pending = [asyncio.ensure_future(w.run(lambda i=i: done.append(i))) for i in range(3)]
+    await asyncio.sleep(0)  # the jobs are queued
+    await asyncio.get_running_loop().run_in_executor(None, w.close)
+    await asyncio.gather(*pending)
+    assert done == [0, 1, 2]
+    with pytest.raises(ECANCELED):
+        await w.run(lambda: None)
