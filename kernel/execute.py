@@ -6,7 +6,8 @@ Rules:
   bad request changes nothing.
 - Each model call is one closure on the device worker (via Kernel.on_device),
   which also copies the reply's tensors to host memory, so the loop never waits
-  on the device;
+  on the device; forward and resume also encode their reply there
+  (EncodedReply), so the loop only writes it;
   generate is one worker call per token, so other sessions interleave between
   tokens and a client that goes away stops the loop at the next token.
 - Admission: the plan's memory figure for the request is checked against the
@@ -19,6 +20,7 @@ import functools
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .errors import EBUSY, ECANCELED, EINVAL, ENOMEM
+from .tensors import EncodedReply, encode_reply
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -76,19 +78,19 @@ class Execute:
         return admitted
 
     async def forward(self, s: Session, input_ids: Any, *, return_logits: str | int, pause_at: int | None,
-                      return_activation: str) -> dict[str, Any]:
+                      return_activation: str, reply_to: int | None = None) -> dict[str, Any] | EncodedReply:
         model = self._model(s)
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, input_ids)
         self._check_pause(model, pause_at)
-        fn = functools.partial(_replied, model.forward, s.seq, ids, pause_at=pause_at, return_logits=return_logits,
-                               return_activation=return_activation)
+        fn = functools.partial(self._replied, reply_to, model.forward, s.seq, ids, pause_at=pause_at,
+                               return_logits=return_logits, return_activation=return_activation)
         op = "forward_all" if return_logits == "all" else "forward"
         return await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn))
 
     async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
-                     return_activation: str) -> dict[str, Any]:
+                     return_activation: str, reply_to: int | None = None) -> dict[str, Any] | EncodedReply:
         model = self._model(s)
         if s.paused_at is None:
             raise EBUSY(f"session {s.id} is not paused; resume follows forward(pause_at=...)")
@@ -96,7 +98,7 @@ class Execute:
         if pause_at is not None and pause_at <= s.paused_at:
             raise EINVAL(f"pause_at {pause_at} must come after the layer the session is paused at ({s.paused_at})",
                          details={"argument": "pause_at"})
-        fn = functools.partial(_replied, model.resume, s.seq, activation, pause_at=pause_at,
+        fn = functools.partial(self._replied, reply_to, model.resume, s.seq, activation, pause_at=pause_at,
                                return_logits=return_logits, return_activation=return_activation)
         return await self.k.on_device(s, fn)
 
@@ -138,11 +140,19 @@ class Execute:
         await self.k.on_device(s, s.seq.clear_steering, layer)
         return {"cleared": "all" if layer is None else layer}
 
+    def _replied(self, reply_to: int | None, step: Callable[..., Any], *args: Any,
+                 **kwargs: Any) -> dict[str, Any] | EncodedReply:
+        """Run a model step and build its reply, on the worker: its tensors are copied to host memory
+        here, so the event loop never waits on the device. With `reply_to` (the request id) the reply
+        is encoded here too, and the loop only writes it."""
+        out = _result(step(*args, **kwargs))
+        if reply_to is None:
+            return out
+        return EncodedReply(reply_to, encode_reply(reply_to, out, limits=self.k.limits))
 
-def _replied(step: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a model step and build its reply, on the worker. Its tensors are copied to host memory
-    here, so the event loop never waits on the device while it encodes the reply."""
-    r = step(*args, **kwargs)
+
+def _result(r: Any) -> dict[str, Any]:
+    """A model step's result as the reply's map, its tensors in host memory."""
     out: dict[str, Any] = {"position": int(r.position), "paused_at": r.paused_at}
     if r.logits is not None:
         out["logits"] = r.logits.cpu()

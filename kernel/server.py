@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
 from .dispatch import dispatch_now
-from .errors import EPROTO, KernelError
-from .tensors import PAYLOAD_POOL, encode_message, encode_reply, unpack
+from .errors import EIO, EPROTO, KernelError
+from .tensors import PAYLOAD_POOL, EncodedReply, encode_message, encode_reply, unpack
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -163,6 +163,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
         if self.closed or self.transport is None:
+            return
+        if type(result) is EncodedReply:  # encoded on the device worker, where it was made
+            if result.rid == rid and not more:
+                self._queue(result.parts)
+            else:
+                self._queue(self._error_parts(rid, EIO(f"internal error: a reply encoded for request {result.rid}")))
             return
         try:
             parts = encode_reply(rid, result, flags=FLAG_MORE if more else 0, limits=self.kernel.limits)

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import torch
 
@@ -24,6 +24,7 @@ from .errors import EINVAL, EPROTO
 
 __all__ = [
     "DTYPE_TO_TORCH",
+    "EncodedReply",
     "PAYLOAD_POOL",
     "PayloadPool",
     "TENSOR_KEY",
@@ -361,6 +362,18 @@ def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits 
     rows, views = tensor_table(entries)
     packed["tensors"] = rows
     return encode_frame(packed, views, flags, limits=limits)
+
+
+class EncodedReply(NamedTuple):
+    """A successful reply to request `rid`, already encoded (`encode_reply`'s parts).
+
+    A handler returns one when its result was encoded where it was made, on the device
+    worker, so that the loop only writes it (`Connection.reply`). The parts alias the
+    result's tensors, which they keep alive.
+    """
+
+    rid: int
+    parts: list[Part]
 
 
 def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFAULT_LIMITS) -> list[Part]:

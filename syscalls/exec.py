@@ -6,15 +6,15 @@ from typing import Any, AsyncIterator
 
 
 async def forward(k: Any, call: Any, *, session: Any, input_ids: Any, return_logits: str | int,
-                  pause_at: int | None, return_activation: str) -> dict[str, Any]:
+                  pause_at: int | None, return_activation: str) -> Any:
     return await k.execute.forward(session, input_ids, return_logits=return_logits, pause_at=pause_at,
-                                   return_activation=return_activation)
+                                   return_activation=return_activation, reply_to=call.id)
 
 
 async def resume(k: Any, call: Any, *, session: Any, activation: Any, return_logits: str | int,
-                 pause_at: int | None, return_activation: str) -> dict[str, Any]:
+                 pause_at: int | None, return_activation: str) -> Any:
     return await k.execute.resume(session, activation, return_logits=return_logits, pause_at=pause_at,
-                                  return_activation=return_activation)
+                                  return_activation=return_activation, reply_to=call.id)
 
 
 async def generate(k: Any, call: Any, *, session: Any, input_ids: Any, max_new_tokens: int, temperature: float,

@@ -19,7 +19,7 @@ import torch
 import djinn
 from djinn.kernel import abi
 from djinn.kernel.codec import PREFIX, Decoder, encode_frame
-from djinn.kernel.tensors import encode_message
+from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
 from tests.daemon import LiveDaemon, daemon_config
 
 
@@ -459,3 +459,28 @@ def test_one_request_per_read_is_answered_at_once_and_several_in_one_write():
     assert [r["result"]["data"] for r in replies[:3]] == [2, 3, 4]
     assert replies[3]["id"] == 5 and replies[3]["error"]["errno"] == "ENOSYS"
     assert conn.kernel.stats.snapshot()["nop"]["count"] == 1
+
+
+def test_a_reply_encoded_on_the_worker_is_written_as_it_is():
+
+    conn, transport = _connection()
+    result = {"position": 3, "logits": torch.arange(6, dtype=torch.float32).reshape(1, 6)}
+    parts = encode_reply(9, result)
+    conn.reply(9, EncodedReply(9, parts))
+    sent = b"".join(bytes(p) for p in transport.writes)
+    assert sent == b"".join(bytes(p) for p in parts)
+    dec = Decoder()
+    dec.feed(sent)
+    frame = dec.next_frame()
+    got = unpack(frame.header["result"], frame)
+    assert frame.header["id"] == 9 and got["position"] == 3 and torch.equal(got["logits"], result["logits"])
+
+
+def test_a_reply_encoded_for_another_request_is_an_eio_not_a_wrong_answer():
+
+    conn, transport = _connection()
+    conn.reply(10, EncodedReply(9, encode_reply(9, {"position": 1})))
+    dec = Decoder()
+    dec.feed(b"".join(bytes(p) for p in transport.writes))
+    header = dec.next_frame().header
+    assert header["id"] == 10 and header["ok"] is False and header["error"]["errno"] == "EIO"
