@@ -7,7 +7,8 @@ Rules:
 - Each model call is one closure on the device worker (via Kernel.on_device),
   which also copies the reply's tensors to host memory, so the loop never waits
   on the device; forward and resume also encode their reply there
-  (EncodedReply), so the loop only writes it;
+  (EncodedReply) and send it when the connection has nothing queued
+  (Connection.send_now), so the client need not wait for the loop to wake;
   generate is one worker call per token, so other sessions interleave between
   tokens and a client that goes away stops the loop at the next token.
 - Admission: the plan's memory figure for the request is checked against the
@@ -24,6 +25,7 @@ from .tensors import EncodedReply, encode_reply
 
 if TYPE_CHECKING:
     from .core import Kernel
+    from .dispatch import Call
     from .sessions import Session
 
 __all__ = ["Execute"]
@@ -78,7 +80,7 @@ class Execute:
         return admitted
 
     async def forward(self, s: Session, input_ids: Any, *, return_logits: str | int, pause_at: int | None,
-                      return_activation: str, reply_to: int | None = None) -> dict[str, Any] | EncodedReply:
+                      return_activation: str, reply_to: Call | None = None) -> dict[str, Any] | EncodedReply:
         model = self._model(s)
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
@@ -90,7 +92,7 @@ class Execute:
         return await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn))
 
     async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
-                     return_activation: str, reply_to: int | None = None) -> dict[str, Any] | EncodedReply:
+                     return_activation: str, reply_to: Call | None = None) -> dict[str, Any] | EncodedReply:
         model = self._model(s)
         if s.paused_at is None:
             raise EBUSY(f"session {s.id} is not paused; resume follows forward(pause_at=...)")
@@ -140,15 +142,17 @@ class Execute:
         await self.k.on_device(s, s.seq.clear_steering, layer)
         return {"cleared": "all" if layer is None else layer}
 
-    def _replied(self, reply_to: int | None, step: Callable[..., Any], *args: Any,
+    def _replied(self, reply_to: Call | None, step: Callable[..., Any], *args: Any,
                  **kwargs: Any) -> dict[str, Any] | EncodedReply:
         """Run a model step and build its reply, on the worker: its tensors are copied to host memory
-        here, so the event loop never waits on the device. With `reply_to` (the request id) the reply
-        is encoded here too, and the loop only writes it."""
+        here, so the event loop never waits on the device. With `reply_to` (the request) the reply is
+        encoded here too and, when the connection has nothing queued, sent from here, so the client
+        need not wait for the loop to wake up; the loop then only does the bookkeeping."""
         out = _result(step(*args, **kwargs))
         if reply_to is None:
             return out
-        return EncodedReply(reply_to, encode_reply(reply_to, out, limits=self.k.limits))
+        parts = encode_reply(reply_to.id, out, limits=self.k.limits)
+        return EncodedReply(reply_to.id, parts, reply_to.peer.send_now(reply_to.id, parts))
 
 
 def _result(r: Any) -> dict[str, Any]:

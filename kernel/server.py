@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno as errno_mod
 import itertools
 import logging
@@ -26,6 +27,7 @@ import os
 import socket
 import stat as stat_mod
 import struct
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
@@ -40,6 +42,7 @@ __all__ = ["Connection", "bind_unix_socket", "parse_tcp"]
 
 log = logging.getLogger("djinn.server")
 _conn_ids = itertools.count(1)
+_SEND_NOW_MAX_PARTS = 512  # os.writev's limit (IOV_MAX) is 1024 on Linux
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -62,12 +65,29 @@ class Connection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._can_write = asyncio.Event()
         self._can_write.set()
+        # Writes from two threads (see send_now): the loop's and the device worker's go one at a time
+        # under _send_lock, through a descriptor of our own (a dup, closed in connection_lost, so it can
+        # never name another connection's socket), and a reply the worker could not send whole leaves
+        # its rest in _deferred, which the loop writes before anything else.
+        self._send_lock = threading.Lock()
+        self._fd = -1  # guarded by _send_lock
+        self._deferred: list[Part] = []  # guarded by _send_lock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Requests whose reply the worker sent before the loop finished them (session state, stats).
+        # Frames read meanwhile wait in _held, so a request sent after such a reply arrived sees all
+        # its effects, as it would had the loop sent the reply.
+        self._early: set[int] = set()  # guarded by _send_lock; read without it by the loop (a hint)
+        self._held: collections.deque[Any] = collections.deque()  # loop only
+        self._held_paused = False
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
+        if sock is not None:  # a real socket: the worker may write replies to it (send_now)
+            self._loop = asyncio.get_running_loop()
+            self._fd = os.dup(sock.fileno())
         if self.kind == "unix" and sock is not None:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             self.pid, self.uid, _gid = struct.unpack("3i", raw)
@@ -82,6 +102,9 @@ class Connection(asyncio.BufferedProtocol):
         decoder = self.decoder
         try:
             decoder.buffer_updated(nbytes)
+            if self._early:  # a reply the worker sent is not finished here yet: later requests wait
+                self._hold()
+                return
             frame = decoder.next_frame()
             if frame is None:
                 return
@@ -102,11 +125,55 @@ class Connection(asyncio.BufferedProtocol):
                 if self._corked:
                     self._flush()
 
+    def _hold(self) -> None:
+        while (frame := self.decoder.next_frame()) is not None:
+            self._held.append(frame)
+        if len(self._held) >= self.kernel.limits.max_inflight and not self._held_paused and self.transport:
+            self._held_paused = True
+            self.transport.pause_reading()
+
+    def _release_held(self) -> None:
+        """Start the requests held while early replies were finished, in arrival order."""
+        held, self._held = self._held, collections.deque()
+        self._corking = True
+        try:
+            for frame in held:
+                self._start(frame)
+        except KernelError as err:
+            self.protocol_error(err)
+        finally:
+            self._corking = False
+            if self._corked:
+                self._flush()
+        if self._held_paused and not self.closed and self.transport is not None:
+            self._held_paused = False
+            if not self._reading_paused:
+                self.transport.resume_reading()
+
+    def _settle(self, rid: int) -> bool:
+        """The loop is done with request `rid`. True if the worker had already sent its reply;
+        the last such request to settle lets the held requests start."""
+        with self._send_lock:
+            if rid not in self._early:
+                return False
+            self._early.discard(rid)
+            release = not self._early
+        if release and self._held and not self.closed:
+            self._release_held()
+        return True
+
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        with self._send_lock:
+            self.closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._deferred = []
+            self._early.clear()
+        self._held.clear()
         self._can_write.set()
         self.kernel.connections.discard(self)
         for task in list(self.tasks):
@@ -152,7 +219,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._reading_paused and len(self.tasks) < self.kernel.limits.max_inflight // 2 and not self.closed:
             self._reading_paused = False
             assert self.transport is not None
-            self.transport.resume_reading()
+            if not self._held_paused:
+                self.transport.resume_reading()
 
     def protocol_error(self, err: KernelError) -> None:
         log.info("connection %d: protocol error: %s", self.id, err.message)
@@ -165,7 +233,9 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         if type(result) is EncodedReply:  # encoded on the device worker, where it was made
-            if result.rid == rid and not more:
+            if result.sent:  # and sent from there (send_now): only the bookkeeping is left
+                self._settle(result.rid)
+            elif result.rid == rid and not more:
                 self._queue(result.parts)
             else:
                 self._queue(self._error_parts(rid, EIO(f"internal error: a reply encoded for request {result.rid}")))
@@ -178,6 +248,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         if self.closed or self.transport is None:
+            return
+        if self._settle(rid):  # its success went out from the worker; a request gets one reply
+            log.error("request %d failed after its reply was sent: %s", rid, err.message)
             return
         self._queue(self._error_parts(rid, err))
         if self.close_after_reply:
@@ -206,12 +279,44 @@ class Connection(asyncio.BufferedProtocol):
 
     def _write(self, parts: list[Part]) -> None:
         assert self.transport is not None
-        if len(parts) == 1:
-            self.transport.write(parts[0])  # write() sends at once; writelines() waits for the loop's next turn
-        elif all(type(part) is bytes for part in parts):
-            self.transport.write(b"".join(parts))  # small replies from one read: one send
-        else:
-            self.transport.writelines(parts)  # tensors: scatter-gather from their memory
+        with self._send_lock:
+            if self._deferred:  # the rest of a reply the worker began: it goes first
+                parts, self._deferred = self._deferred + parts, []
+            if len(parts) == 1:
+                self.transport.write(parts[0])  # write() sends at once; writelines() waits for the loop's next turn
+            elif all(type(part) is bytes for part in parts):
+                self.transport.write(b"".join(parts))  # small replies from one read: one send
+            else:
+                self.transport.writelines(parts)  # tensors: scatter-gather from their memory
+
+    def _write_deferred(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._write([])
+
+    def send_now(self, rid: int, parts: list[Part]) -> bool:
+        """Write the reply to request `rid` from another thread (the device worker, which just made it),
+        without waiting for the loop to wake up. Only when nothing is queued on the connection, so frames
+        never interleave: bytes the socket does not take at once are left for the loop, ahead of any later
+        write. Until the loop settles `rid` (Connection.reply with the EncodedReply), requests read on
+        this connection wait. False: nothing was written (closing, something queued, the socket full, too
+        many parts); the caller replies as usual."""
+        if len(parts) > _SEND_NOW_MAX_PARTS:
+            return False
+        with self._send_lock:
+            transport = self.transport
+            if (self._fd < 0 or self.closed or self._deferred or transport is None or transport.is_closing()
+                    or transport.get_write_buffer_size()):
+                return False
+            try:
+                sent = os.writev(self._fd, parts)
+            except OSError:  # full (EAGAIN) or broken: the loop's write finds out which, and acts
+                return False
+            self._early.add(rid)
+            if sent < sum(memoryview(part).nbytes for part in parts):
+                self._deferred = _after(parts, sent)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._write_deferred)
+            return True
 
     async def drain(self) -> None:
         await self._can_write.wait()
@@ -219,8 +324,24 @@ class Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self._flush()
-            self.transport.close()
+            with self._send_lock:  # no reply from the worker starts after this
+                self.transport.close()
+                self.closed = True
         self.closed = True
+
+
+def _after(parts: list[Part], nbytes: int) -> list[Part]:
+    """What is left of `parts` once their first `nbytes` bytes are written."""
+    rest: list[Part] = []
+    for part in parts:
+        view = memoryview(part).cast("B") if not isinstance(part, bytes) else part
+        size = len(view)
+        if nbytes >= size:
+            nbytes -= size
+            continue
+        rest.append(view[nbytes:] if nbytes else part)
+        nbytes = 0
+    return rest
 
 
 def _socket_is_live(path: str) -> bool:

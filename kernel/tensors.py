@@ -368,12 +368,14 @@ class EncodedReply(NamedTuple):
     """A successful reply to request `rid`, already encoded (`encode_reply`'s parts).
 
     A handler returns one when its result was encoded where it was made, on the device
-    worker, so that the loop only writes it (`Connection.reply`). The parts alias the
+    worker, so that the loop only writes it (`Connection.reply`), or nothing at all when
+    the worker already sent it (`sent`, see `Connection.send_now`). The parts alias the
     result's tensors, which they keep alive.
     """
 
     rid: int
     parts: list[Part]
+    sent: bool = False
 
 
 def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFAULT_LIMITS) -> list[Part]:

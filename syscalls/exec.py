@@ -8,13 +8,13 @@ from typing import Any, AsyncIterator
 async def forward(k: Any, call: Any, *, session: Any, input_ids: Any, return_logits: str | int,
                   pause_at: int | None, return_activation: str) -> Any:
     return await k.execute.forward(session, input_ids, return_logits=return_logits, pause_at=pause_at,
-                                   return_activation=return_activation, reply_to=call.id)
+                                   return_activation=return_activation, reply_to=call)
 
 
 async def resume(k: Any, call: Any, *, session: Any, activation: Any, return_logits: str | int,
                  pause_at: int | None, return_activation: str) -> Any:
     return await k.execute.resume(session, activation, return_logits=return_logits, pause_at=pause_at,
-                                  return_activation=return_activation, reply_to=call.id)
+                                  return_activation=return_activation, reply_to=call)
 
 
 async def generate(k: Any, call: Any, *, session: Any, input_ids: Any, max_new_tokens: int, temperature: float,

@@ -31,6 +31,9 @@ class FakePeer:
     def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
         self.replies.append((rid, result))
 
+    def send_now(self, rid: int, parts: list[Any]) -> bool:
+        return False
+
     def reply_error(self, rid: int, err: KernelError) -> None:
         self.errors.append((rid, err))
 

@@ -1,0 +1,163 @@
+"""Replies sent by the device worker (Connection.send_now): whole frames, never interleaved, the loop's
+bookkeeping finished before any later request of that connection starts, one reply per request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from djinn.kernel import abi
+from djinn.kernel.codec import Decoder
+from djinn.kernel.errors import EIO
+from djinn.kernel.server import Connection
+from djinn.kernel.stats import SyscallStats
+from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
+
+
+class _Kernel:
+    limits = abi.DEFAULT_LIMITS
+    alloc_payload = None
+    shutting_down = False
+
+    def __init__(self) -> None:
+        self.stats = SyscallStats()
+        self.connections: set[Any] = set()
+
+    def connection_closed(self, conn: Any) -> None:
+        pass
+
+
+async def _served() -> tuple[Connection, socket.socket, Any]:
+    """A Connection on a real Unix socket of the running loop, and the client's end (blocking)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="djinn-test-"), "s.sock")
+    made: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+
+    def factory() -> Connection:
+        conn = Connection(_Kernel(), "unix")  # type: ignore[arg-type]
+        conn.authed = True
+        made.set_result(conn)
+        return conn
+
+    server = await asyncio.get_running_loop().create_unix_server(factory, path)
+    client = socket.socket(socket.AF_UNIX)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, path)
+    conn = await made
+    while conn.transport is None:  # connection_made runs after the factory
+        await asyncio.sleep(0.001)
+    return conn, client, server
+
+
+async def _frames(client: socket.socket, n: int) -> list[Any]:
+    dec = Decoder()
+    out: list[Any] = []
+    loop = asyncio.get_running_loop()
+    while len(out) < n:
+        data = await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 5)
+        assert data, "the server closed the connection"
+        dec.feed(data)
+        while (f := dec.next_frame()) is not None:
+            out.append(f)
+    return out
+
+
+def _on_worker(fn: Any) -> Any:
+    """Run fn on a thread of its own, as the device worker would, and return its result."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+async def test_a_reply_sent_from_the_worker_arrives_whole_and_later_requests_wait_for_the_loop():
+    conn, client, server = await _served()
+    try:
+        parts = encode_reply(7, {"position": 3})
+        assert _on_worker(lambda: conn.send_now(7, parts))
+        assert [f.header["id"] for f in await _frames(client, 1)] == [7]
+        # The client's next request arrives before the loop settled request 7: it waits.
+        client.send(encode_message({"id": 8, "call": "nop", "args": {}})[0])
+        await asyncio.sleep(0.05)
+        assert len(conn._held) == 1
+        conn.reply(7, EncodedReply(7, parts, sent=True))  # the loop finishes request 7
+        assert [f.header["id"] for f in await _frames(client, 1)] == [8]
+        assert not conn._held and not conn._early
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_the_worker_defers_to_bytes_the_loop_has_queued():
+    conn, client, server = await _served()
+    try:
+        conn.transport.pause_reading()
+        big = encode_reply(1, {"blob": torch.full((8 << 20,), 120, dtype=torch.uint8)})  # more than one send takes
+        conn._write(big)
+        assert conn.transport.get_write_buffer_size() > 0
+        assert not _on_worker(lambda: conn.send_now(2, encode_reply(2, {})))  # would interleave: refused
+        conn.reply(2, {})
+        frames = await _frames(client, 2)
+        assert [f.header["id"] for f in frames] == [1, 2]
+        assert torch.equal(unpack(frames[0].header["result"], frames[0])["blob"], torch.full((8 << 20,), 120, dtype=torch.uint8))
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_what_the_socket_does_not_take_is_written_by_the_loop_before_anything_else():
+    conn, client, server = await _served()
+    try:
+        blob = torch.arange(8 << 20, dtype=torch.int32).to(torch.uint8)
+        big = encode_reply(1, {"blob": blob})
+        assert _on_worker(lambda: conn.send_now(1, big))
+        assert conn._deferred, "the socket took all of 8 MiB at once; the test needs a partial write"
+        conn.reply(2, {"after": True})  # a later reply from the loop goes after the rest of reply 1
+        frames = await _frames(client, 2)
+        assert [f.header["id"] for f in frames] == [1, 2]
+        assert torch.equal(unpack(frames[0].header["result"], frames[0])["blob"], blob)
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_an_error_after_the_reply_went_out_is_not_a_second_reply(caplog):
+    conn, client, server = await _served()
+    try:
+        assert _on_worker(lambda: conn.send_now(5, encode_reply(5, {"ok": 1})))
+        conn.reply_error(5, EIO("failed in the bookkeeping"))
+        conn.reply(6, {})
+        frames = await _frames(client, 2)
+        assert [(f.header["id"], f.header["ok"]) for f in frames] == [(5, True), (6, True)]
+        assert "after its reply was sent" in caplog.text
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_nothing_is_sent_from_the_worker_once_the_connection_closes():
+    conn, client, server = await _served()
+    try:
+        conn.close()
+        assert not _on_worker(lambda: conn.send_now(3, encode_reply(3, {})))
+    finally:
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("n_parts", [513])
+async def test_too_many_parts_go_through_the_loop(n_parts):
+    conn, client, server = await _served()
+    try:
+        assert not _on_worker(lambda: conn.send_now(4, [b"x"] * n_parts))
+        assert not conn._early
+    finally:
+        client.close()
+        server.close()
