@@ -19,7 +19,8 @@ from typing import Any, Final, NamedTuple
 import torch
 
 from .abi import DEFAULT_LIMITS, Limits
-from .codec import DTYPES, FLAG_MORE, Frame, Part, TensorEntry, TensorSpec, encode_call, encode_frame, encode_result, tensor_table
+from .codec import (DTYPES, FLAG_MORE, Frame, Part, TensorEntry, TensorSpec, encode_call, encode_frame,
+                    encode_laid_out, encode_result, tensor_table)
 from .errors import EINVAL, EPROTO
 
 __all__ = [
@@ -359,9 +360,8 @@ def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits 
     packed, entries = pack(header, max_depth=limits.max_cbor_depth)
     if not entries:
         return encode_frame(packed, (), flags, limits=limits)
-    rows, views = tensor_table(entries)
-    packed["tensors"] = rows
-    return encode_frame(packed, views, flags, limits=limits)
+    packed["tensors"], views = tensor_table(entries)
+    return encode_laid_out(packed, views, flags, limits=limits)
 
 
 class EncodedReply(NamedTuple):

@@ -31,6 +31,7 @@ from djinn.kernel.codec import (
     check_header,
     encode_call,
     encode_frame,
+    encode_laid_out,
     encode_result,
     recv_frame,
     send_frame,
@@ -828,3 +829,44 @@ def test_header_map_running_past_its_length_is_refused_wherever_it_lies(staging:
         with pytest.raises(ProtocolError, match="CBOR"):
             dec.feed(stream)
             dec.feed_eof()
+
+
+@st.composite
+def _entries(draw: Any) -> list[tuple[str, str, list[int], bytes]]:
+    out = []
+    for i in range(draw(st.integers(0, 6))):
+        dtype = draw(st.sampled_from(sorted(DTYPES)))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        n = DTYPES[dtype]
+        for d in shape:
+            n *= d
+        out.append((f"t{i}", dtype, shape, draw(st.binary(min_size=n, max_size=n))))
+    return out
+
+
+@given(_entries(), st.sampled_from([0, FLAG_MORE]), st.booleans())
+def test_encode_laid_out_makes_encode_frames_bytes(entries, flags, reply):
+
+    rows, views = tensor_table(entries)
+    header: dict[str, Any] = {"id": 3, "ok": True, "result": {"x": 1}} if reply else {"id": 3, "call": "c", "args": {}}
+    header["tensors"] = rows
+    if not reply and flags:
+        with pytest.raises(EINVAL):
+            encode_laid_out(header, views, flags)
+        return
+    want = b"".join(bytes(p) for p in encode_frame(header, views, flags))
+    assert b"".join(bytes(p) for p in encode_laid_out(header, views, flags)) == want
+
+
+def test_encode_laid_out_checks_the_limits_like_encode_frame():
+
+    rows, views = tensor_table([(f"t{i}", "uint8", [8], bytes(8)) for i in range(4)])
+    header = {"id": 1, "ok": True, "result": None, "tensors": rows}
+    for limits in (abi.Limits(max_tensors=3), abi.Limits(max_payload_nbytes=199)):
+        with pytest.raises(E2BIG) as a:
+            encode_frame(header, views, limits=limits)
+        with pytest.raises(E2BIG) as b:
+            encode_laid_out(header, views, limits=limits)
+        assert a.value.message == b.value.message
+    with pytest.raises(EINVAL):
+        encode_laid_out({"id": 1, "tensors": rows}, views)  # neither a request nor a reply
