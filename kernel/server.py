@@ -73,11 +73,14 @@ class Connection(asyncio.BufferedProtocol):
         self._fd = -1  # guarded by _send_lock
         self._deferred: list[Part] = []  # guarded by _send_lock
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Requests whose reply the worker sent before the loop finished them (session state, stats).
-        # Frames read meanwhile wait in _held, so a request sent after such a reply arrived sees all
-        # its effects, as it would had the loop sent the reply.
-        self._early: set[int] = set()  # guarded by _send_lock; read without it by the loop (a hint)
-        self._held: collections.deque[Any] = collections.deque()  # loop only
+        # Requests whose reply the worker sent before the loop finished them (session state, stats),
+        # request id -> the send's sequence number. A frame read meanwhile waits in _held with the
+        # newest sequence number sent before it was read, and starts once every reply up to that one
+        # is finished: a request sent after such a reply arrived sees all of its effects, as it would
+        # had the loop sent the reply, and replies sent later never hold it back.
+        self._early: dict[int, int] = {}  # guarded by _send_lock; the loop reads its truth unlocked
+        self._early_seq = 0  # guarded by _send_lock
+        self._held: collections.deque[tuple[int, Any]] = collections.deque()  # loop only: (sequence, frame)
         self._held_paused = False
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
@@ -102,7 +105,7 @@ class Connection(asyncio.BufferedProtocol):
         decoder = self.decoder
         try:
             decoder.buffer_updated(nbytes)
-            if self._early:  # a reply the worker sent is not finished here yet: later requests wait
+            if self._early or self._held:  # a reply the worker sent is not finished here yet: later requests wait
                 self._hold()
                 return
             frame = decoder.next_frame()
@@ -126,39 +129,41 @@ class Connection(asyncio.BufferedProtocol):
                     self._flush()
 
     def _hold(self) -> None:
+        seq = self._early_seq
         while (frame := self.decoder.next_frame()) is not None:
-            self._held.append(frame)
+            self._held.append((seq, frame))
         if len(self._held) >= self.kernel.limits.max_inflight and not self._held_paused and self.transport:
             self._held_paused = True
             self.transport.pause_reading()
+        self._release_held()  # what it waits for may be finished already
 
     def _release_held(self) -> None:
-        """Start the requests held while early replies were finished, in arrival order."""
-        held, self._held = self._held, collections.deque()
+        """Start, in arrival order, the held requests whose early replies are all finished."""
+        held = self._held
+        with self._send_lock:
+            oldest = min(self._early.values(), default=None)
         self._corking = True
         try:
-            for frame in held:
-                self._start(frame)
+            while held and not self.closed and (oldest is None or held[0][0] < oldest):
+                self._start(held.popleft()[1])
         except KernelError as err:
             self.protocol_error(err)
         finally:
             self._corking = False
             if self._corked:
                 self._flush()
-        if self._held_paused and not self.closed and self.transport is not None:
+        if self._held_paused and not held and not self.closed and self.transport is not None:
             self._held_paused = False
             if not self._reading_paused:
                 self.transport.resume_reading()
 
     def _settle(self, rid: int) -> bool:
-        """The loop is done with request `rid`. True if the worker had already sent its reply;
-        the last such request to settle lets the held requests start."""
+        """The loop is done with request `rid`. True if the worker had already sent its reply; then
+        the requests held behind it may start."""
         with self._send_lock:
-            if rid not in self._early:
+            if self._early.pop(rid, None) is None:
                 return False
-            self._early.discard(rid)
-            release = not self._early
-        if release and self._held and not self.closed:
+        if self._held and not self.closed:
             self._release_held()
         return True
 
@@ -311,7 +316,8 @@ class Connection(asyncio.BufferedProtocol):
                 sent = os.writev(self._fd, parts)
             except OSError:  # full (EAGAIN) or broken: the loop's write finds out which, and acts
                 return False
-            self._early.add(rid)
+            self._early_seq += 1
+            self._early[rid] = self._early_seq
             if sent < sum(memoryview(part).nbytes for part in parts):
                 self._deferred = _after(parts, sent)
                 assert self._loop is not None

@@ -161,3 +161,42 @@ async def test_too_many_parts_go_through_the_loop(n_parts):
     finally:
         client.close()
         server.close()
+
+
+async def test_a_held_request_waits_only_for_replies_sent_before_it_was_read():
+    conn, client, server = await _served()
+    try:
+        first, second = encode_reply(7, {"n": 1}), encode_reply(9, {"n": 2})
+        assert _on_worker(lambda: conn.send_now(7, first))
+        client.send(encode_message({"id": 8, "call": "nop", "args": {}})[0])
+        await asyncio.sleep(0.05)
+        assert _on_worker(lambda: conn.send_now(9, second))  # sent after request 8 was read
+        assert [f.header["id"] for f in await _frames(client, 2)] == [7, 9]
+        assert len(conn._held) == 1
+        conn.reply(7, EncodedReply(7, first, sent=True))
+        assert [f.header["id"] for f in await _frames(client, 1)] == [8]  # 9 is still unfinished
+        client.send(encode_message({"id": 10, "call": "nop", "args": {}})[0])  # read after 9 was sent: waits
+        await asyncio.sleep(0.05)
+        assert [seq for seq, _ in conn._held] == [2]
+        conn.reply(9, EncodedReply(9, second, sent=True))
+        assert [f.header["id"] for f in await _frames(client, 1)] == [10]
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_reading_pauses_while_too_many_requests_are_held_and_resumes_after():
+    conn, client, server = await _served()
+    try:
+        conn.kernel.limits = abi.Limits(max_inflight=2)
+        parts = encode_reply(1, {})
+        assert _on_worker(lambda: conn.send_now(1, parts))
+        client.send(b"".join(encode_message({"id": i, "call": "nop", "args": {}})[0] for i in (2, 3, 4)))
+        await asyncio.sleep(0.05)
+        assert conn._held_paused and len(conn._held) == 3
+        conn.reply(1, EncodedReply(1, parts, sent=True))
+        assert [f.header["id"] for f in await _frames(client, 4)] == [1, 2, 3, 4]
+        assert not conn._held_paused and not conn._held
+    finally:
+        client.close()
+        server.close()
