@@ -3,7 +3,8 @@
 `FakeArena` is a uint8 tensor with `view()` / `mark_used()` / `generation` / `residency`; it starts
 filled with 0xFF bytes (NaN in every float dtype) so that reading an unwritten byte shows up.
 `move()`, `page_out()` / `page_in()` keep only the used prefix, like the VMU. `save_tiny(kind, path)`
-builds a seeded tiny model of one family and saves it with `save_pretrained`.
+builds a seeded tiny model of one family and saves it with `save_pretrained`. `ConnectionKernel`
+is what a `kernel.server.Connection` needs of the kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ __all__ = [
 ]
 
 GARBAGE = 0xFF  # every float dtype reads 0xFF.. bytes as NaN
+
+
+class ConnectionKernel:
+    """The part of the Kernel a Connection uses: limits, stats, the connection set."""
+
+    alloc_payload = None
+    shutting_down = False
+
+    def __init__(self) -> None:
+        from djinn.kernel import abi
+        from djinn.kernel.stats import SyscallStats
+
+        self.limits = abi.DEFAULT_LIMITS
+        self.stats = SyscallStats()
+        self.connections: set[Any] = set()
+
+    def connection_closed(self, conn: Any) -> None:
+        pass
 
 
 class FakeArena:

@@ -4,11 +4,12 @@ bookkeeping finished before any later request of that connection starts, one rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
 import threading
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 import torch
@@ -17,42 +18,35 @@ from djinn.kernel import abi
 from djinn.kernel.codec import Decoder
 from djinn.kernel.errors import EIO
 from djinn.kernel.server import Connection
-from djinn.kernel.stats import SyscallStats
 from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
+from tests.fakes import ConnectionKernel
 
 
-class _Kernel:
-    limits = abi.DEFAULT_LIMITS
-    alloc_payload = None
-    shutting_down = False
-
-    def __init__(self) -> None:
-        self.stats = SyscallStats()
-        self.connections: set[Any] = set()
-
-    def connection_closed(self, conn: Any) -> None:
-        pass
-
-
-async def _served() -> tuple[Connection, socket.socket, Any]:
-    """A Connection on a real Unix socket of the running loop, and the client's end (blocking)."""
+@contextlib.asynccontextmanager
+async def _served() -> AsyncIterator[tuple[Connection, socket.socket]]:
+    """A Connection on a real Unix socket of the running loop, and the client's end (non-blocking)."""
+    loop = asyncio.get_running_loop()
     path = os.path.join(tempfile.mkdtemp(prefix="djinn-test-"), "s.sock")
-    made: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+    made: asyncio.Future[Connection] = loop.create_future()
 
     def factory() -> Connection:
-        conn = Connection(_Kernel(), "unix")  # type: ignore[arg-type]
+        conn = Connection(ConnectionKernel(), "unix")  # type: ignore[arg-type]
         conn.authed = True
         made.set_result(conn)
         return conn
 
-    server = await asyncio.get_running_loop().create_unix_server(factory, path)
+    server = await loop.create_unix_server(factory, path)
     client = socket.socket(socket.AF_UNIX)
     client.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(client, path)
-    conn = await made
-    while conn.transport is None:  # connection_made runs after the factory
-        await asyncio.sleep(0.001)
-    return conn, client, server
+    try:
+        await loop.sock_connect(client, path)
+        conn = await made
+        while conn.transport is None:  # connection_made runs after the factory
+            await asyncio.sleep(0.001)
+        yield conn, client
+    finally:
+        client.close()
+        server.close()
 
 
 async def _frames(client: socket.socket, n: int) -> list[Any]:
@@ -78,8 +72,7 @@ def _on_worker(fn: Any) -> Any:
 
 
 async def test_a_reply_sent_from_the_worker_arrives_whole_and_later_requests_wait_for_the_loop():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         parts = encode_reply(7, {"position": 3})
         assert _on_worker(lambda: conn.send_now(7, parts))
         assert [f.header["id"] for f in await _frames(client, 1)] == [7]
@@ -90,14 +83,10 @@ async def test_a_reply_sent_from_the_worker_arrives_whole_and_later_requests_wai
         conn.reply(7, EncodedReply(7, parts, sent=True))  # the loop finishes request 7
         assert [f.header["id"] for f in await _frames(client, 1)] == [8]
         assert not conn._held and not conn._early
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_the_worker_defers_to_bytes_the_loop_has_queued():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         conn.transport.pause_reading()
         big = encode_reply(1, {"blob": torch.full((8 << 20,), 120, dtype=torch.uint8)})  # more than one send takes
         conn._write(big)
@@ -107,14 +96,10 @@ async def test_the_worker_defers_to_bytes_the_loop_has_queued():
         frames = await _frames(client, 2)
         assert [f.header["id"] for f in frames] == [1, 2]
         assert torch.equal(unpack(frames[0].header["result"], frames[0])["blob"], torch.full((8 << 20,), 120, dtype=torch.uint8))
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_what_the_socket_does_not_take_is_written_by_the_loop_before_anything_else():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         blob = torch.arange(8 << 20, dtype=torch.int32).to(torch.uint8)
         big = encode_reply(1, {"blob": blob})
         assert _on_worker(lambda: conn.send_now(1, big))
@@ -123,49 +108,33 @@ async def test_what_the_socket_does_not_take_is_written_by_the_loop_before_anyth
         frames = await _frames(client, 2)
         assert [f.header["id"] for f in frames] == [1, 2]
         assert torch.equal(unpack(frames[0].header["result"], frames[0])["blob"], blob)
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_an_error_after_the_reply_went_out_is_not_a_second_reply(caplog):
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         assert _on_worker(lambda: conn.send_now(5, encode_reply(5, {"ok": 1})))
         conn.reply_error(5, EIO("failed in the bookkeeping"))
         conn.reply(6, {})
         frames = await _frames(client, 2)
         assert [(f.header["id"], f.header["ok"]) for f in frames] == [(5, True), (6, True)]
         assert "after its reply was sent" in caplog.text
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_nothing_is_sent_from_the_worker_once_the_connection_closes():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         conn.close()
         assert not _on_worker(lambda: conn.send_now(3, encode_reply(3, {})))
-    finally:
-        client.close()
-        server.close()
 
 
 @pytest.mark.parametrize("n_parts", [513])
 async def test_too_many_parts_go_through_the_loop(n_parts):
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         assert not _on_worker(lambda: conn.send_now(4, [b"x"] * n_parts))
         assert not conn._early
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_a_held_request_waits_only_for_replies_sent_before_it_was_read():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         first, second = encode_reply(7, {"n": 1}), encode_reply(9, {"n": 2})
         assert _on_worker(lambda: conn.send_now(7, first))
         client.send(encode_message({"id": 8, "call": "nop", "args": {}})[0])
@@ -180,14 +149,10 @@ async def test_a_held_request_waits_only_for_replies_sent_before_it_was_read():
         assert [seq for seq, _ in conn._held] == [2]
         conn.reply(9, EncodedReply(9, second, sent=True))
         assert [f.header["id"] for f in await _frames(client, 1)] == [10]
-    finally:
-        client.close()
-        server.close()
 
 
 async def test_reading_pauses_while_too_many_requests_are_held_and_resumes_after():
-    conn, client, server = await _served()
-    try:
+    async with _served() as (conn, client):
         conn.kernel.limits = abi.Limits(max_inflight=2)
         parts = encode_reply(1, {})
         assert _on_worker(lambda: conn.send_now(1, parts))
@@ -197,6 +162,3 @@ async def test_reading_pauses_while_too_many_requests_are_held_and_resumes_after
         conn.reply(1, EncodedReply(1, parts, sent=True))
         assert [f.header["id"] for f in await _frames(client, 4)] == [1, 2, 3, 4]
         assert not conn._held_paused and not conn._held
-    finally:
-        client.close()
-        server.close()

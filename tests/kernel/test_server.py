@@ -21,6 +21,7 @@ from djinn.kernel import abi
 from djinn.kernel.codec import PREFIX, Decoder, encode_frame
 from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
 from tests.daemon import LiveDaemon, daemon_config
+from tests.fakes import ConnectionKernel
 
 
 def _raw(path: str) -> socket.socket:
@@ -421,18 +422,8 @@ class _Transport:
 
 def _connection() -> tuple[Any, _Transport]:
     from djinn.kernel.server import Connection
-    from djinn.kernel.stats import SyscallStats
 
-    class _Kernel:
-        limits = abi.DEFAULT_LIMITS
-        alloc_payload = None
-        shutting_down = False
-
-        def __init__(self) -> None:
-            self.stats = SyscallStats()
-            self.connections: set[Any] = set()
-
-    conn = Connection(_Kernel(), "unix")  # type: ignore[arg-type]
+    conn = Connection(ConnectionKernel(), "unix")  # type: ignore[arg-type]
     transport = _Transport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.authed, conn.uid = True, os.getuid()
