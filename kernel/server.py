@@ -80,6 +80,7 @@ class Connection(asyncio.BufferedProtocol):
         # had the loop sent the reply, and replies sent later never hold it back.
         self._early: dict[int, int] = {}  # guarded by _send_lock; the loop reads its truth unlocked
         self._early_seq = 0  # guarded by _send_lock
+        self._cancelled: set[int] = set()  # guarded by _send_lock: requests the worker must not answer
         self._held: collections.deque[tuple[int, Any]] = collections.deque()  # loop only: (sequence, frame)
         self._held_paused = False
 
@@ -88,13 +89,13 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        if sock is not None:  # a real socket: the worker may write replies to it (send_now)
-            self._loop = asyncio.get_running_loop()
-            self._fd = os.dup(sock.fileno())
         if self.kind == "unix" and sock is not None:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             self.pid, self.uid, _gid = struct.unpack("3i", raw)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_NBYTES)
+        if sock is not None:  # a real socket: the worker may write replies to it (send_now)
+            self._loop = asyncio.get_running_loop()
+            self._fd = os.dup(sock.fileno())
         self.kernel.connections.add(self)
         log.debug("connection %d (%s) from uid=%s pid=%s", self.id, self.kind, self.uid, self.pid)
 
@@ -142,6 +143,7 @@ class Connection(asyncio.BufferedProtocol):
         held = self._held
         with self._send_lock:
             oldest = min(self._early.values(), default=None)
+        outer = self._corking  # inside buffer_updated (or another release): that one flushes
         self._corking = True
         try:
             while held and not self.closed and (oldest is None or held[0][0] < oldest):
@@ -149,8 +151,8 @@ class Connection(asyncio.BufferedProtocol):
         except KernelError as err:
             self.protocol_error(err)
         finally:
-            self._corking = False
-            if self._corked:
+            self._corking = outer
+            if not outer and self._corked:
                 self._flush()
         if self._held_paused and not held and not self.closed and self.transport is not None:
             self._held_paused = False
@@ -178,6 +180,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._fd = -1
             self._deferred = []
             self._early.clear()
+            self._cancelled.clear()
         self._held.clear()
         self._can_write.set()
         self.kernel.connections.discard(self)
@@ -221,7 +224,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if self._reading_paused and len(self.tasks) < self.kernel.limits.max_inflight // 2 and not self.closed:
+        if self._reading_paused and len(self.tasks) <= self.kernel.limits.max_inflight // 2 and not self.closed:
             self._reading_paused = False
             assert self.transport is not None
             if not self._held_paused:
@@ -278,8 +281,9 @@ class Connection(asyncio.BufferedProtocol):
             self._write(parts)
 
     def _flush(self) -> None:
+        """Write the corked replies, after the rest of a reply the worker began."""
         parts, self._corked = self._corked, []
-        if parts and self.transport is not None and not self.transport.is_closing():
+        if (parts or self._deferred) and self.transport is not None and not self.transport.is_closing():
             self._write(parts)
 
     def _write(self, parts: list[Part]) -> None:
@@ -288,15 +292,11 @@ class Connection(asyncio.BufferedProtocol):
             if self._deferred:  # the rest of a reply the worker began: it goes first
                 parts, self._deferred = self._deferred + parts, []
             if len(parts) == 1:
-                self.transport.write(parts[0])  # write() sends at once; writelines() waits for the loop's next turn
+                self.transport.write(parts[0])
             elif all(type(part) is bytes for part in parts):
                 self.transport.write(b"".join(parts))  # small replies from one read: one send
             else:
                 self.transport.writelines(parts)  # tensors: scatter-gather from their memory
-
-    def _write_deferred(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self._write([])
 
     def send_now(self, rid: int, parts: list[Part]) -> bool:
         """Write the reply to request `rid` from another thread (the device worker, which just made it),
@@ -304,7 +304,7 @@ class Connection(asyncio.BufferedProtocol):
         never interleave: bytes the socket does not take at once are left for the loop, ahead of any later
         write. Until the loop settles `rid` (Connection.reply with the EncodedReply), requests read on
         this connection wait. False: nothing was written (closing, something queued, the socket full, too
-        many parts); the caller replies as usual."""
+        many parts, the request cancelled); the caller replies as usual."""
         if len(parts) > _SEND_NOW_MAX_PARTS:
             return False
         with self._send_lock:
@@ -312,17 +312,30 @@ class Connection(asyncio.BufferedProtocol):
             if (self._fd < 0 or self.closed or self._deferred or transport is None or transport.is_closing()
                     or transport.get_write_buffer_size()):
                 return False
+            if rid in self._cancelled:  # the loop gave up on it and answered ECANCELED
+                self._cancelled.discard(rid)
+                return False
+            # Recorded before the first byte leaves: os.writev lets go of the GIL, and the client may
+            # answer this reply before the worker has it back.
+            self._early_seq += 1
+            self._early[rid] = self._early_seq
             try:
                 sent = os.writev(self._fd, parts)
             except OSError:  # full (EAGAIN) or broken: the loop's write finds out which, and acts
-                return False
-            self._early_seq += 1
-            self._early[rid] = self._early_seq
+                sent = 0
             if sent < sum(memoryview(part).nbytes for part in parts):
                 self._deferred = _after(parts, sent)
                 assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._write_deferred)
+                self._loop.call_soon_threadsafe(self._flush)
             return True
+
+    def cancelled(self, rid: int) -> None:
+        """The loop stopped waiting for request `rid` (its task was cancelled) and answers it ECANCELED,
+        unless the worker already sent its reply (reply_error then drops the ECANCELED): from here on
+        the worker does not send one."""
+        with self._send_lock:
+            if rid not in self._early and not self.closed:
+                self._cancelled.add(rid)
 
     async def drain(self) -> None:
         await self._can_write.wait()

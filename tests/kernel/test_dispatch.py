@@ -34,6 +34,9 @@ class FakePeer:
     def send_now(self, rid: int, parts: list[Any]) -> bool:
         return False
 
+    def cancelled(self, rid: int) -> None:
+        pass
+
     def reply_error(self, rid: int, err: KernelError) -> None:
         self.errors.append((rid, err))
 

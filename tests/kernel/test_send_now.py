@@ -1,5 +1,6 @@
 """Replies sent by the device worker (Connection.send_now): whole frames, never interleaved, the loop's
-bookkeeping finished before any later request of that connection starts, one reply per request."""
+bookkeeping finished before any later request of that connection starts, one reply per request; and the
+connection's backpressure on a real socket."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from djinn.kernel import abi
 from djinn.kernel.codec import Decoder
-from djinn.kernel.errors import EIO
+from djinn.kernel.errors import ECANCELED, EIO
 from djinn.kernel.server import Connection
 from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
 from tests.fakes import ConnectionKernel
@@ -162,3 +163,68 @@ async def test_reading_pauses_while_too_many_requests_are_held_and_resumes_after
         conn.reply(1, EncodedReply(1, parts, sent=True))
         assert [f.header["id"] for f in await _frames(client, 4)] == [1, 2, 3, 4]
         assert not conn._held_paused and not conn._held
+
+
+async def test_the_reply_is_marked_sent_before_its_first_byte_leaves(monkeypatch):
+    import djinn.kernel.server as server_mod
+
+    async with _served() as (conn, client):
+        seen: list[bool] = []
+        real = server_mod.os.writev
+
+        def writev(fd: int, parts: Any) -> int:
+            seen.append(7 in conn._early)  # the client may answer the moment these bytes land
+            return real(fd, parts)
+
+        monkeypatch.setattr(server_mod.os, "writev", writev)
+        assert _on_worker(lambda: conn.send_now(7, encode_reply(7, {})))
+        assert seen == [True]
+
+
+async def test_a_failed_write_is_left_to_the_loop_and_still_settles(monkeypatch):
+    import djinn.kernel.server as server_mod
+
+    async with _served() as (conn, client):
+        def full(fd: int, parts: Any) -> int:
+            raise BlockingIOError
+
+        monkeypatch.setattr(server_mod.os, "writev", full)
+        parts = encode_reply(7, {"n": 7})
+        assert _on_worker(lambda: conn.send_now(7, parts))
+        monkeypatch.undo()
+        assert [f.header["id"] for f in await _frames(client, 1)] == [7]  # the loop wrote it
+        conn.reply(7, EncodedReply(7, parts, sent=True))
+        assert not conn._early
+
+
+async def test_a_cancelled_request_gets_one_reply_and_holds_nothing():
+    async with _served() as (conn, client):
+        conn.cancelled(5)  # its task was cancelled while the worker still ran it
+        conn.reply_error(5, ECANCELED("cancelled"))
+        assert not _on_worker(lambda: conn.send_now(5, encode_reply(5, {})))  # the worker finishes: not sent
+        client.send(encode_message({"id": 6, "call": "nop", "args": {}})[0])
+        frames = await _frames(client, 2)
+        assert [(f.header["id"], f.header["ok"]) for f in frames] == [(5, False), (6, True)]
+        assert not conn._early and not conn._held and not conn._cancelled
+
+
+async def test_close_writes_the_rest_of_a_reply_the_worker_began():
+    async with _served() as (conn, client):
+        blob = torch.arange(8 << 20, dtype=torch.int32).to(torch.uint8)
+        assert _on_worker(lambda: conn.send_now(1, encode_reply(1, {"blob": blob})))
+        assert conn._deferred
+        conn.close()  # before the loop wrote the rest
+        frames = await _frames(client, 1)
+        assert torch.equal(unpack(frames[0].header["result"], frames[0])["blob"], blob)
+
+
+async def test_reading_resumes_when_the_last_task_ends_even_with_one_request_in_flight_allowed():
+    async with _served() as (conn, client):
+        conn.kernel.limits = abi.Limits(max_inflight=1)
+        task = asyncio.ensure_future(asyncio.sleep(0))
+        await task
+        conn.tasks.add(task)
+        conn._reading_paused = True
+        conn.transport.pause_reading()
+        conn._done(task)
+        assert not conn._reading_paused and conn.transport.is_reading()
