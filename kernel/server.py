@@ -10,6 +10,12 @@ Rules:
   never waits. The reply to a read's only request is written at once, before the
   bookkeeping; replies to the requests of a read that carries several leave
   together in one write. Too many tasks in flight pause reading (backpressure).
+- The device worker may write a forward/resume reply itself (`send_now`) when
+  nothing is queued on the connection: writes from both threads take the
+  connection's lock, the worker's go through a dup of the socket, and bytes the
+  socket does not take at once are written by the loop before anything else.
+  A request read before the loop has finished such a reply's request waits for
+  it (`_held`), so it sees that request's effects.
 - A protocol error answers EPROTO (request id 0) and closes that connection
   only. Every other connection carries on.
 - The Unix socket is 0660. An existing socket file is replaced only after a test
@@ -342,10 +348,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self._flush()
             with self._send_lock:  # no reply from the worker starts after this
-                self.transport.close()
                 self.closed = True
+            self._flush()  # the corked replies, after the rest of one the worker began
+            self.transport.close()
         self.closed = True
 
 
