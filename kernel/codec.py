@@ -228,10 +228,7 @@ def _check_table(
     if type(rows) is not list:
         raise error("header 'tensors' must be an array of rows")
     if len(rows) > limits.max_tensors:
-        raise too_big(
-            f"{len(rows)} tensors in one frame, the limit is {limits.max_tensors}; split the request",
-            details={"limit": "max_tensors", "value": len(rows), "max": limits.max_tensors},
-        )
+        raise _too_many_tensors(len(rows), limits, too_big)
     specs: list[TensorSpec] = []
     names: set[str] = set()
     for i, row in enumerate(rows):
@@ -308,29 +305,18 @@ def encode_frame(
         raise EINVAL("header 'tensors' must be rows from tensor_table()") from None
     specs = check_header(dict(header), flags, payload_nbytes, limits, EINVAL, E2BIG)
     if payload_nbytes > limits.max_payload_nbytes:
-        raise E2BIG(
-            f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit; split the request",
-            details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
-        )
+        raise _payload_too_big(payload_nbytes, limits)
     if len(buffers) != len(specs):
         raise EINVAL(f"{len(buffers)} buffers for {len(specs)} tensor rows")
-    parts: list[Part] = [_head(header, flags, payload_nbytes, limits)]
-    cursor = 0
-    for spec, buf in sorted(zip(specs, buffers), key=lambda pair: pair[0].offset):
-        view = _byte_view(buf)
-        if view.nbytes != spec.nbytes:
-            raise EINVAL(f"tensor {spec.name!r}: buffer holds {view.nbytes} bytes, the table says {spec.nbytes}")
-        if not spec.nbytes:
-            continue
-        if spec.offset > cursor:
-            gap = spec.offset - cursor
-            parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
-        parts.append(view)
-        cursor = spec.offset + spec.nbytes
-    if payload_nbytes > cursor:
-        gap = payload_nbytes - cursor
-        parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
-    return parts
+
+    def segments() -> Iterable[tuple[int, int, memoryview]]:
+        for spec, buf in sorted(zip(specs, buffers), key=lambda pair: pair[0].offset):
+            view = _byte_view(buf)
+            if view.nbytes != spec.nbytes:
+                raise EINVAL(f"tensor {spec.name!r}: buffer holds {view.nbytes} bytes, the table says {spec.nbytes}")
+            yield spec.offset, spec.nbytes, view
+
+    return _lay_out(_head(header, flags, payload_nbytes, limits), segments(), payload_nbytes)
 
 
 def encode_laid_out(
@@ -345,32 +331,46 @@ def encode_laid_out(
         raise EINVAL(f"unknown frame flags {flags:#x}; only FLAG_MORE ({FLAG_MORE:#x}) exists")
     rows = header["tensors"]
     if len(rows) > limits.max_tensors:
-        raise E2BIG(
-            f"{len(rows)} tensors in one frame, the limit is {limits.max_tensors}; split the request",
-            details={"limit": "max_tensors", "value": len(rows), "max": limits.max_tensors},
-        )
+        raise _too_many_tensors(len(rows), limits, E2BIG)
     payload_nbytes = max((row["offset"] + row["nbytes"] for row in rows), default=0)
     _check_envelope(header, flags, payload_nbytes, limits, EINVAL, E2BIG, table=False)
     if payload_nbytes > limits.max_payload_nbytes:
-        raise E2BIG(
-            f"payload of {payload_nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit; split the request",
-            details={"limit": "max_payload_nbytes", "value": payload_nbytes, "max": limits.max_payload_nbytes},
-        )
-    parts: list[Part] = [_head(header, flags, payload_nbytes, limits)]
+        raise _payload_too_big(payload_nbytes, limits)
+    segments = ((row["offset"], row["nbytes"], view) for row, view in zip(rows, views))
+    return _lay_out(_head(header, flags, payload_nbytes, limits), segments, payload_nbytes)
+
+
+def _lay_out(head: bytes, segments: Iterable[tuple[int, int, Part]], payload_nbytes: int) -> list[Part]:
+    """`head`, then each (offset, nbytes, bytes) segment, in offset order, with zero bytes in the gaps
+    and after the last segment up to `payload_nbytes`."""
+    parts: list[Part] = [head]
     cursor = 0
-    for row, view in zip(rows, views):
-        nbytes = row["nbytes"]
+    for offset, nbytes, view in segments:
         if not nbytes:
             continue
-        gap = row["offset"] - cursor
-        if gap:
+        if offset > cursor:
+            gap = offset - cursor
             parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
         parts.append(view)
-        cursor = row["offset"] + nbytes
+        cursor = offset + nbytes
     if payload_nbytes > cursor:
         gap = payload_nbytes - cursor
         parts.append(_PADS[gap] if gap < ALIGN else bytes(gap))
     return parts
+
+
+def _payload_too_big(nbytes: int, limits: Limits) -> E2BIG:
+    return E2BIG(
+        f"payload of {nbytes} bytes exceeds the {limits.max_payload_nbytes}-byte limit; split the request",
+        details={"limit": "max_payload_nbytes", "value": nbytes, "max": limits.max_payload_nbytes},
+    )
+
+
+def _too_many_tensors(n: int, limits: Limits, too_big: type[KernelError]) -> KernelError:
+    return too_big(
+        f"{n} tensors in one frame, the limit is {limits.max_tensors}; split the request",
+        details={"limit": "max_tensors", "value": n, "max": limits.max_tensors},
+    )
 
 
 def _head(header: Mapping[str, Any], flags: int, payload_nbytes: int, limits: Limits) -> bytes:
