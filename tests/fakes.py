@@ -41,9 +41,10 @@ class ConnectionKernel:
         self.limits = abi.DEFAULT_LIMITS
         self.stats = SyscallStats()
         self.connections: set[Any] = set()
+        self.closed: list[Any] = []
 
     def connection_closed(self, conn: Any) -> None:
-        pass
+        self.closed.append(conn)
 
 
 class FakeArena:

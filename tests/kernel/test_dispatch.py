@@ -27,6 +27,8 @@ class FakePeer:
     def __init__(self) -> None:
         self.replies: list[tuple[int, Any]] = []
         self.errors: list[tuple[int, KernelError]] = []
+        self.cancelled_ids: list[int] = []
+        self.drains = 0
 
     def reply(self, rid: int, result: Any, *, more: bool = False) -> None:
         self.replies.append((rid, result))
@@ -35,13 +37,13 @@ class FakePeer:
         return False
 
     def cancelled(self, rid: int) -> None:
-        pass
+        self.cancelled_ids.append(rid)
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         self.errors.append((rid, err))
 
     async def drain(self) -> None:
-        pass
+        self.drains += 1
 
 
 class FakeKernel:
@@ -88,3 +90,22 @@ def test_every_failure_is_a_reply(monkeypatch, caplog, exc, errno, quarantined, 
     assert ("a handler bug" in caplog.text) == isinstance(exc, ZeroDivisionError)
     stats = kernel.stats.snapshot()[name]
     assert stats["count"] == 1 and stats["errors"] == 1
+
+
+async def test_a_cancelled_request_is_marked_for_the_peer_then_answered_ecanceled(monkeypatch) -> None:
+    started = asyncio.Event()
+
+    async def forever(k: Any, call: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setitem(TABLE, "models", dataclasses.replace(TABLE["models"], handler=forever))
+    monkeypatch.setattr(dispatch_mod, "ASYNC_CALLS", frozenset({"models"}))
+    kernel, peer = FakeKernel(), FakePeer()
+    task = asyncio.ensure_future(dispatch_mod.dispatch_now(kernel, peer, 4, "models", {}))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert peer.cancelled_ids == [4]  # before the ECANCELED, so a device call still running cannot answer too
+    assert [(rid, err.errno) for rid, err in peer.errors] == [(4, "ECANCELED")] and peer.replies == []

@@ -125,6 +125,12 @@ async def test_nothing_is_sent_from_the_worker_once_the_connection_closes():
     async with _served() as (conn, client):
         conn.close()
         assert not _on_worker(lambda: conn.send_now(3, encode_reply(3, {})))
+        for _ in range(100):  # connection_lost runs on a later turn of the loop
+            if conn.kernel.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.kernel.closed == [conn] and conn._fd == -1  # the dup is closed with the connection
+        assert not _on_worker(lambda: conn.send_now(3, encode_reply(3, {})))
 
 
 @pytest.mark.parametrize("n_parts", [513])

@@ -109,12 +109,11 @@ def test_stack_scope_accounts_peak_on_cpu(small_vmu: VMU) -> None:
         scope.account(600_000)
         scope.release(500_000)
         scope.account(100_000)
-        with pytest.raises(Busy):
-            with small_vmu.stack_scope():
-                pass
+        with pytest.raises(Busy):  # scopes do not nest: entering a second one fails
+            small_vmu.stack_scope().__enter__()
     assert scope.peak_nbytes == 600_000
-    with small_vmu.stack_scope(reserve_nbytes=2 * MiB):
-        pass
+    with small_vmu.stack_scope(reserve_nbytes=2 * MiB) as big:
+        assert big.peak_nbytes == 2 * MiB  # the reservation counts from the start
     s = small_vmu.stat()
     assert s["segments"]["stack"]["used_nbytes"] == 2 * MiB
     assert s["stack"]["requests"] == 2 and s["stack"]["over_budget"] == 1 and s["stack"]["peak_nbytes"] == 2 * MiB
