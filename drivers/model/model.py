@@ -158,7 +158,7 @@ class LoadedModel:
         pause = check_pause(pause_at, self.n_layers)
         all_ids = state.unfed_ids + ids
         self._check_room(state, len(all_ids))
-        with torch.no_grad():
+        with torch.inference_mode():
             if len(all_ids) == 1 and pause is None and out.activation == "none" and self.decode_mode != "dynamic":
                 return self._static_step(state, all_ids[0], out)
             return run_forward(self.arch, state, all_ids, pause, out)
@@ -175,7 +175,7 @@ class LoadedModel:
         act = check_activation(activation, state.pending, self.hidden_size, self.dtype, self.device)
         pause = check_pause(pause_at, self.n_layers, after=state.paused_at)
         out = check_outputs(return_logits, return_activation, self.vocab_size)
-        with torch.no_grad():
+        with torch.inference_mode():
             return run_resume(self.arch, state, act, pause, out)
 
     # -- generation -------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class LoadedModel:
 
     def _generate(self, state: SeqState, ids: list[int], n: int, temp: float, top_p: float,
                   gen: torch.Generator | None, stops: frozenset[int]) -> Iterator[int]:
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = run_forward(self.arch, state, ids, None, Outputs()).logits
         for i in range(n):
             assert logits is not None
@@ -212,7 +212,7 @@ class LoadedModel:
             self._alive()
             if state.unfed_ids != [tok] or state.paused_at is not None:
                 raise Busy("the state changed under a running generate(); cancel it before other calls")
-            with torch.no_grad():
+            with torch.inference_mode():
                 if self.decode_mode != "dynamic":
                     logits = self._static_step(state, tok, Outputs()).logits
                 else:

@@ -194,7 +194,7 @@ def measure_on_meta(meta_arch: Any, layout: Any, fingerprint: str, op: str, n_to
     state = SeqState(object(), fingerprint, layout, arena, past + n_tokens, meta)
     state.position = past
     out = Outputs("all" if op == "forward_all" else "last", "none")
-    with torch.no_grad(), PeakTracker(round_to) as tracker:
+    with torch.inference_mode(), PeakTracker(round_to) as tracker:
         result = run_forward(meta_arch, state, [0] * n_tokens, None, out)
         del result
     return tracker.peak_nbytes

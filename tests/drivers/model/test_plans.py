@@ -29,13 +29,14 @@ def test_plan_is_cached_per_bucket_and_grows_with_the_work(fresh_model):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_meta_plan_equals_a_real_run_under_eager_attention(fresh_model, kind):
-    """The cold path runs the real driver code on meta tensors, so it counts exactly what a CPU run allocates."""
+    """The cold path runs the real driver code on meta tensors, so it counts exactly what a CPU run allocates
+    (under inference_mode, as the model runs)."""
     model = fresh_model(kind, "eager")
     for n, past in [(64, 0), (16, 32), (1, 64)]:
         state = new_state(model, 128)
         if past:
             model.forward(state, [5] * past)
-        with torch.no_grad(), PeakTracker() as tracker:
+        with torch.inference_mode(), PeakTracker() as tracker:
             result = run_forward(model.arch, state, [7] * n, None, Outputs())
             del result
         assert model.plan("forward", n, past).peak_nbytes == tracker.peak_nbytes

@@ -123,7 +123,7 @@ def test_static_step_is_capture_safe(kind, attn):
     state.position = 20
     state.set_steering(1, "add", 0.5)
     decoder = StaticDecoder(arch, meta, 64, use_graphs=False)
-    with torch.no_grad(), _HostTensorSpy() as spy:
+    with torch.inference_mode(), _HostTensorSpy() as spy:
         logits = decoder.step(state, 7)
     assert logits.device.type == "meta" and logits.shape == (arch.vocab_size,)
     assert spy.host_ops == []
