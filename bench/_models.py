@@ -157,10 +157,12 @@ def load_native(spec: str, su: Setup) -> Any:
     return load_model(spec, device=su.device, dtype=su.dtype)
 
 
-def hf_last_logits(hf: Any, ids_cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+def hf_last_logits(hf: Any, ids_cpu: torch.Tensor, device: torch.device, *,
+                   inference_mode: bool = False) -> torch.Tensor:
     """Plain transformers forward of `ids_cpu` with a fresh KV cache, last-token logits as float32 on the host:
-    the same inputs and outputs a djinnd forward with return_logits="last" has."""
-    with torch.no_grad():
+    the same inputs and outputs a djinnd forward with return_logits="last" has. Under no_grad, as transformers'
+    own generate() runs, or with `inference_mode`, as djinnd's model driver runs."""
+    with torch.inference_mode() if inference_mode else torch.no_grad():
         ids = ids_cpu.to(device).unsqueeze(0)
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float().cpu()

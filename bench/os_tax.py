@@ -16,6 +16,9 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   logits in host memory; djinnd also writes the KV cache into the session arena.
 - driver: djinnd's own model code (layer-split forward, KV into an arena) run in this process, so
   djinnd / driver is the syscall path's share alone and driver / native the model driver's.
+- native under inference_mode: the same transformers forward under torch.inference_mode instead of no_grad.
+  djinnd's driver runs under inference_mode, so `ratio_vs_native_inference_mode` compares like with like;
+  the target's baseline stays the plain no_grad forward, as transformers' own generate() runs it.
 - cold: the first forward on a freshly loaded model (djinnd: `load_model` under a new name, so its plan
   is measured on the meta device; native: a fresh `load_model` in this process); trial 0 also pays the
   process's first-use costs on both sides. warm: steady state after warm-up, native and djinnd in
@@ -125,6 +128,7 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
         lambda: time_native(lambda: hf_last_logits(hf, ids, dev), dev)[0],
         lambda: time_native(lambda: driver_last_logits(lm, arena, ids), dev)[0],
         lambda: _djinn_forward(k, name, ids)[0],
+        lambda: time_native(lambda: hf_last_logits(hf, ids, dev, inference_mode=True), dev)[0],
     ]
     for _ in range(5):
         for side in sides:
@@ -132,11 +136,12 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     native: list[float] = []
     driver: list[float] = []
     djinn: list[float] = []
-    samples = (native, driver, djinn)
+    native_im: list[float] = []
+    samples = (native, driver, djinn, native_im)
     before = _daemon_counters(k)
     for r in progress(range(args.rounds), f"{label}: warm rounds"):
-        for i in range(3):  # rotate which side goes first
-            side = (r + i) % 3
+        for i in range(len(sides)):  # rotate which side goes first
+            side = (r + i) % len(sides)
             for _ in range(args.block):
                 samples[side].append(sides[side]())
     inside = _daemon_means_ms(before, _daemon_counters(k), len(djinn))
@@ -147,7 +152,7 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     k.syscall("unload_model", name=name)
     lm.unload()
 
-    n_s, d_s, v_s = stats_ms(native), stats_ms(djinn), stats_ms(driver)
+    n_s, d_s, v_s, im_s = stats_ms(native), stats_ms(djinn), stats_ms(driver), stats_ms(native_im)
     cn, cd = stats_ms(cold_native), stats_ms(cold_djinn)
     common = dict(unit="ms", model=model_label, tokens=int(ids.numel()),
                   baseline="native transformers forward, same work", same_work_max_abs_logit_diff=same_work_diff,
@@ -162,11 +167,13 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
                djinn_p99_ms=d_s["p99_ms"], native_p99_ms=n_s["p99_ms"], djinn_mean_ms=d_s["mean_ms"],
                native_mean_ms=n_s["mean_ms"], ratio_mean=d_s["mean_ms"] / n_s["mean_ms"],
                overhead_ms=d_s["p50_ms"] - n_s["p50_ms"], driver_inprocess_ms=v_s["p50_ms"],
-               ratio_vs_driver_inprocess=d_s["p50_ms"] / v_s["p50_ms"], n=len(djinn), **inside, **common)
+               ratio_vs_driver_inprocess=d_s["p50_ms"] / v_s["p50_ms"], native_inference_mode_ms=im_s["p50_ms"],
+               ratio_vs_native_inference_mode=d_s["p50_ms"] / im_s["p50_ms"], n=len(djinn), **inside, **common)
     rows.append([f"{label} (cold)", cn["p50_ms"], float("nan"), cd["p50_ms"], cd["p50_ms"] / cn["p50_ms"]])
     rows.append([f"{label} (warm)", n_s["p50_ms"], v_s["p50_ms"], d_s["p50_ms"], d_s["p50_ms"] / n_s["p50_ms"]])
     print(f"{label} (warm), means in ms: client {d_s['mean_ms']:.3f}, in djinnd {inside['daemon_forward_mean_ms']:.3f}, "
-          f"device worker {inside['worker_per_forward_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f})")
+          f"device worker {inside['worker_per_forward_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f}, "
+          f"native under inference_mode p50 {im_s['p50_ms']:.3f})")
     if bare is not None:
         rows.append(["  one bare block, native", bare, float("nan"), float("nan"), float("nan")])
 

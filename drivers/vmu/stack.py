@@ -7,6 +7,10 @@ Rules:
     request's tensors die their blocks return to that pool for the next request.
     The peak is measured with the device's peak-allocated counter, reset at the
     scope's start (the worker is the only thread that allocates on the device).
+    The counters are read from the allocator's nested statistics, not through
+    torch.cuda.memory_allocated(), which flattens and sorts every statistic in
+    Python on each call: twice per request, that was most of a small request's
+    fixed cost.
   - On CPU torch keeps no allocation statistics: the scope is accounting only. The
     caller reports bytes (`reserve_nbytes`, typically the plan's figure, and
     `account()`/`release()`); the peak is the largest running total.
@@ -47,6 +51,12 @@ class StackScope:
         self.current_nbytes = max(0, self.current_nbytes - nbytes)
 
 
+def _allocated_bytes(device: torch.device) -> dict[str, int]:
+    """The caching allocator's allocated-bytes counters of `device` (current, peak, allocated, freed),
+    straight from its nested statistics (see the module rules)."""
+    return torch.cuda.memory_stats_as_nested_dict(device)["allocated_bytes"]["all"]
+
+
 class StackSegment:
     """The per-request activation budget, and on CUDA the MemPool activations live in."""
 
@@ -72,12 +82,12 @@ class StackSegment:
         try:
             if self.pool is not None:
                 torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
+                base = _allocated_bytes(self.device)["current"]
                 try:
                     with torch.cuda.use_mem_pool(self.pool, self.device):
                         yield scope
                 finally:
-                    measured = torch.cuda.max_memory_allocated(self.device) - base
+                    measured = _allocated_bytes(self.device)["peak"] - base
                     scope.peak_nbytes = max(scope.peak_nbytes, measured)
             else:
                 yield scope
