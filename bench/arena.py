@@ -83,10 +83,10 @@ def _measure(path: str, segment: str, device: torch.device, size: int, n_live: i
     else:
         vmu = _vmu(device, capacity, real=segment == "real")
         try:
-            live = [vmu.alloc_arena(f"s{i}", size) for i in range(n_live)]
+            live = [vmu.alloc_arena(i, size) for i in range(n_live)]  # sessions are plain ints: no formatting timed
             counter = iter(range(n_live, 1 << 62))
             allocs, frees = _time_pairs(n_trials, live, vmu.free_arena,
-                                        lambda: vmu.alloc_arena(f"s{next(counter)}", size), rng)
+                                        lambda: vmu.alloc_arena(next(counter), size), rng)
             frag = vmu.data.allocator.fragmentation
         finally:
             vmu.close()

@@ -92,3 +92,18 @@ def test_real_cuda_oom_becomes_out_of_memory() -> None:
 
     with pytest.raises(OutOfMemory):
         VMU("cuda", text_nbytes=0, data_nbytes=1 << 50, stack_nbytes=0, host_nbytes=0)
+
+
+def test_copies_leave_the_callers_current_stream_as_it_was(cuda_vmu: VMU) -> None:
+    """Paging switches to a copy stream around each copy and back, whatever stream the caller had current."""
+    a = cuda_vmu.alloc_arena("s", 4 * MiB)
+    a.bytes(4 * MiB).fill_(7)
+    a.mark_used(4 * MiB)
+    side = torch.cuda.Stream()
+    for current in (torch.cuda.default_stream(), side):
+        with torch.cuda.stream(current):
+            cuda_vmu.finish(cuda_vmu.page_out(a))
+            assert torch.cuda.current_stream() == current
+            cuda_vmu.finish(cuda_vmu.page_in(a))
+            assert torch.cuda.current_stream() == current
+            assert int(a.bytes(4 * MiB).sum(dtype=torch.int64)) == 7 * 4 * MiB
