@@ -32,7 +32,7 @@ def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> 
             input_ids = input_ids[0]
         if input_ids.dim() != 1:
             raise BadArgument(f"input_ids must have shape [T] or [1, T], got {list(input_ids.shape)}")
-        ids = [int(t) for t in input_ids.tolist()]
+        ids = input_ids.tolist()  # Python ints (an integer dtype was checked above)
     elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
         if not all(_is_int(t) for t in input_ids):
             raise BadArgument("input_ids must be integers")
@@ -41,8 +41,8 @@ def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> 
         raise BadArgument(f"input_ids must be a list of ints or a LongTensor, got {type(input_ids).__name__}")
     if not ids and not allow_empty:
         raise BadArgument("input_ids is empty; give at least one token")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):  # min/max run in C: the list is the whole prompt
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         raise BadArgument(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     return ids
 
