@@ -49,14 +49,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # the baseline's own end; the VMU path never does this
 
 
-def _baseline_s(device: torch.device, host: torch.Tensor, dev: torch.Tensor, to_host: bool) -> float:
-    """Seconds for one plain copy of the same bytes, pinned host <-> device (CPU: memcpy)."""
+def _baseline_s(device: torch.device, host: torch.Tensor, dev: torch.Tensor, to_host: bool, chunks: int = 1) -> float:
+    """Seconds for plain copies of the same bytes, pinned host <-> device (CPU: memcpy): `chunks` equal copies
+    issued back to back, then one synchronize."""
+    size = host.numel() // chunks
     _sync(device)
     t0 = time.perf_counter()
-    if to_host:
-        host.copy_(dev, non_blocking=True)
-    else:
-        dev.copy_(host, non_blocking=True)
+    for i in range(chunks):
+        h, d = host[i * size:(i + 1) * size], dev[i * size:(i + 1) * size]
+        if to_host:
+            h.copy_(d, non_blocking=True)
+        else:
+            d.copy_(h, non_blocking=True)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -115,18 +119,6 @@ def _pipelined(device: torch.device, size: int, n: int, repeats: int) -> dict[st
         base_dev = torch.empty(n * size, dtype=torch.uint8, device=device)
         b_out, b_in, out_s, in_s = [], [], [], []
 
-        def baseline(to_host: bool) -> float:
-            _sync(device)
-            t0 = time.perf_counter()
-            for i in range(n):
-                h, d = base_host[i * size:(i + 1) * size], base_dev[i * size:(i + 1) * size]
-                if to_host:
-                    h.copy_(d, non_blocking=True)
-                else:
-                    d.copy_(h, non_blocking=True)
-            _sync(device)
-            return time.perf_counter() - t0
-
         def paged(op: Any) -> float:
             _sync(device)
             t0 = time.perf_counter()
@@ -139,7 +131,8 @@ def _pipelined(device: torch.device, size: int, n: int, repeats: int) -> dict[st
             return dt
 
         for i in range(repeats + 1):  # the first round warms up
-            bo, to, bi, ti = baseline(True), paged(vmu.page_out), baseline(False), paged(vmu.page_in)
+            bo, to = _baseline_s(device, base_host, base_dev, True, n), paged(vmu.page_out)
+            bi, ti = _baseline_s(device, base_host, base_dev, False, n), paged(vmu.page_in)
             if i:
                 b_out.append(bo), out_s.append(to), b_in.append(bi), in_s.append(ti)
         for i, arena in enumerate(arenas):
