@@ -9,8 +9,8 @@ Rules:
     scope's start (the worker is the only thread that allocates on the device).
     The counters are read from the allocator's nested statistics, not through
     torch.cuda.memory_allocated(), which flattens and sorts every statistic in
-    Python on each call: twice per request, that was most of a small request's
-    fixed cost.
+    Python on each call: twice per request, that was a large share of a small
+    request's fixed cost.
   - On CPU torch keeps no allocation statistics: the scope is accounting only. The
     caller reports bytes (`reserve_nbytes`, typically the plan's figure, and
     `account()`/`release()`); the peak is the largest running total.
