@@ -18,6 +18,16 @@ from djinn.drivers.vmu.allocator import RangeAllocator
 from tests.drivers.vmu.fakes import MiB, Gate, fill, make_vmu
 
 
+def _swapped(vmu, used: int, seed: int):  # type: ignore[no-untyped-def]
+    """A 1 MiB arena with `used` bytes of a seeded pattern, paged out (the copy finished):
+    (arena, pattern, the Data offset it left)."""
+    a = vmu.alloc_arena("a", 1 * MiB)
+    pattern = fill(a, used, seed=seed)
+    home = a.offset
+    vmu.finish(vmu.page_out(a))
+    return a, pattern, home
+
+
 def test_page_in_returns_home_keeps_generation_and_zeroes_the_tail() -> None:
     with make_vmu() as vmu:
         a = vmu.alloc_arena("a", 1 * MiB)
@@ -36,10 +46,7 @@ def test_page_in_returns_home_keeps_generation_and_zeroes_the_tail() -> None:
 
 def test_home_used_by_another_arena_meanwhile_is_zeroed_past_used() -> None:
     with make_vmu(data=2 * MiB) as vmu:
-        a = vmu.alloc_arena("a", 1 * MiB)
-        pattern = fill(a, 100_000, seed=2)
-        home = a.offset
-        vmu.finish(vmu.page_out(a))
+        a, pattern, home = _swapped(vmu, 100_000, seed=2)
         b = vmu.alloc_arena("b", 2 * MiB)  # the whole segment: b covers a's old range
         b.bytes().fill_(0xEE)
         vmu.free_arena(b)
@@ -51,10 +58,7 @@ def test_home_used_by_another_arena_meanwhile_is_zeroed_past_used() -> None:
 
 def test_page_in_moves_and_bumps_generation_when_home_is_taken() -> None:
     with make_vmu(data=2 * MiB) as vmu:
-        a = vmu.alloc_arena("a", 1 * MiB)
-        pattern = fill(a, 500_000, seed=3)
-        home = a.offset
-        vmu.finish(vmu.page_out(a))
+        a, pattern, home = _swapped(vmu, 500_000, seed=3)
         b = vmu.alloc_arena("b", 1 * MiB)
         assert b.offset == home  # b took a's old range
         vmu.page_in(a)
