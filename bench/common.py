@@ -82,6 +82,7 @@ class Recorder:
     bench: str
     output_dir: Path
     quick: bool = False
+    tags: dict[str, Any] = field(default_factory=dict)  # fields every record of the run carries (its variant)
     _stamp: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,7 +97,7 @@ class Recorder:
         return self.output_dir / f"{self.bench}.jsonl"
 
     def record(self, **fields: Any) -> dict[str, Any]:
-        rec = {"bench": self.bench, "run_id": self.run_id, "quick": self.quick, **fields, **self._stamp}
+        rec = {"bench": self.bench, "run_id": self.run_id, "quick": self.quick, **self.tags, **fields, **self._stamp}
         self.records.append(rec)
         with self.path.open("a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
@@ -137,6 +138,13 @@ def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterat
             last = now
         yield item
     print("", file=sys.stderr)
+
+
+def add_busy_poll_arg(p: argparse.ArgumentParser) -> None:
+    """--busy-poll-us, for benchmarks whose client waits on djinnd with the blocking client."""
+    p.add_argument("--busy-poll-us", type=float, default=0.0,
+                   help="the client polls for each reply this long before blocking (djinn.connect(busy_poll_us=...); "
+                        "default 0: a blocking read). Every record carries it as client_busy_poll_us")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

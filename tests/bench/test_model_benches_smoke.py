@@ -57,6 +57,7 @@ def test_os_tax_quick(tmp_path: Path) -> None:
     for r in warm:
         assert r["driver_inprocess_ms"] > 0 and r["n"] > 0
         assert r["same_work_max_abs_logit_diff"] < 1e-3  # same weights, same work on both sides (fp32 CPU)
+    assert all(r["client_busy_poll_us"] == 0 for r in records)  # the default: a blocking client
 
 
 def test_plan_cache_quick(tmp_path: Path) -> None:
@@ -85,3 +86,4 @@ def test_breakpoint_quick(tmp_path: Path) -> None:
     _figures(records, "concurrent_b_latency", ("ratio",))
     (mem,) = _figures(records, "paused_memory_given_back", ("data_used_before_nbytes", "data_used_after_nbytes"))
     assert mem["djinn"] > 0 and mem["a_resume_exact"]
+    assert all(r["client_busy_poll_us"] == 0 for r in records)

@@ -29,8 +29,8 @@ def test_latest_run_per_model_with_tables_per_kind_and_figures(tmp_path: Path) -
     ])
     latest = load(tmp_path, include_quick=False)
     assert {k: [r["run_id"] for r in v][0] for k, v in latest.items()} == {
-        ("signals", "GPU-X", "dummy:llama-1b"): "new-1b",
-        ("signals", "GPU-X", "dummy:llama-8b"): "only-8b",
+        ("signals", "GPU-X", "dummy:llama-1b", ""): "new-1b",
+        ("signals", "GPU-X", "dummy:llama-8b", ""): "only-8b",
     }
     text = render(latest, ["signals_cliff_llama-1b.svg", "signals_cliff_llama-8b.svg", "swap_x.svg"])
     one_b = text.split("## signals on GPU-X, dummy:llama-1b")[1].split("## ")[0]
@@ -38,4 +38,19 @@ def test_latest_run_per_model_with_tables_per_kind_and_figures(tmp_path: Path) -
     assert "- model: `dummy:llama-1b`" in one_b  # a field every record of the run shares is shown once
     assert "| 2 |" in one_b and "| 1 |" not in one_b  # the old run's value is not shown
     assert "signals_cliff_llama-1b.svg" in one_b and "llama-8b.svg" not in one_b and "swap_x" not in one_b
-    assert load(tmp_path, include_quick=True)[("signals", "GPU-X", "dummy:llama-8b")][0]["run_id"] == "quick-8b"
+    assert load(tmp_path, include_quick=True)[("signals", "GPU-X", "dummy:llama-8b", "")][0]["run_id"] == "quick-8b"
+
+
+def test_a_run_with_a_busy_polling_client_is_kept_beside_the_default_run(tmp_path: Path) -> None:
+    def rec(run: str, t: float, poll: float | None, value: float) -> dict:
+        r = _rec(run, t, "dummy:gpt2", "probe", value) | {"bench": "os_tax"}
+        return r if poll is None else r | {"client_busy_poll_us": poll}
+
+    _write(tmp_path / "os_tax.jsonl", [rec("before-the-field", 1.0, None, 1.0), rec("default", 2.0, 0.0, 2.0),
+                                       rec("polling", 3.0, 5000.0, 3.0)])
+    latest = load(tmp_path, include_quick=False)
+    assert {k: v[0]["run_id"] for k, v in latest.items()} == {
+        ("os_tax", "GPU-X", "dummy:gpt2", ""): "default",  # the newest default run, not the polling one
+        ("os_tax", "GPU-X", "dummy:gpt2", "client busy-polls 5000 us"): "polling",
+    }
+    assert "## os_tax on GPU-X, dummy:gpt2 (client busy-polls 5000 us)" in render(latest)

@@ -224,6 +224,49 @@ def test_tensor_round_trip_all_dtypes(kernel):
         assert back.dtype == dtype and torch.equal(back, t)
 
 
+class _RecordingSocket:
+    """A client socket that records the flags of every recv_into."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.flags = sock, []
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        self.flags.append(flags)
+        return self.sock.recv_into(buffer, nbytes, flags)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_busy_poll_reads_without_blocking_and_falls_back_to_a_blocking_read(djinnd):
+    big = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB: its payload arrives over several polls
+    with djinn.connect(djinnd.path, busy_poll_us=1_000_000) as k:
+        k._sock = rec = _RecordingSocket(k._sock)
+        assert torch.equal(k.syscall("echo", data=big)["data"], big)
+        rids = [k.submit("echo", data=i) for i in range(20)]
+        assert [k.result(rid)["data"] for rid in rids] == list(range(20))
+        assert rec.flags and all(f == socket.MSG_DONTWAIT for f in rec.flags)  # it never blocked
+    with djinn.connect(djinnd.path, busy_poll_us=1) as k:
+        k._sock = rec = _RecordingSocket(k._sock)
+        djinnd.loop.call_soon_threadsafe(lambda: djinnd.loop.create_task(djinnd.kernel.worker.run(time.sleep, 0.1)))
+        s = k.open_session(arena_nbytes=4096)  # waits ~0.1 s behind the sleeping worker: the poll gives up
+        s.close()
+        assert socket.MSG_DONTWAIT in rec.flags and any(not f & socket.MSG_DONTWAIT for f in rec.flags)
+
+
+def test_busy_poll_setting_from_the_environment(djinnd, monkeypatch):
+    monkeypatch.setenv("DJINN_BUSY_POLL_US", "250")
+    with djinn.connect(djinnd.path) as k:
+        assert k._busy_poll_s == pytest.approx(250e-6)
+        assert k.syscall("echo", data=7) == {"data": 7}
+    with djinn.connect(djinnd.path, busy_poll_us=0) as k:  # the argument wins over the environment
+        assert k._busy_poll_s == 0
+    for bad in ("fast", "-5", "nan"):
+        monkeypatch.setenv("DJINN_BUSY_POLL_US", bad)
+        with pytest.raises(ValueError, match="BUSY_POLL_US|busy_poll_us"):
+            djinn.connect(djinnd.path)
+
+
 def test_aio_client(djinnd):
     import asyncio
 
