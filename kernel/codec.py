@@ -243,13 +243,20 @@ def _check_table(
         itemsize = DTYPES.get(dtype) if type(dtype) is str else None
         if itemsize is None:
             raise error(f"tensor {name!r}: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-        if type(shape) is not list or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
+        if type(shape) is not list or len(shape) > MAX_NDIM:
             raise error(f"tensor {name!r}: shape must be an array of at most {MAX_NDIM} unsigned integers, got {shape!r}")
-        if math.prod(d or 1 for d in shape) * itemsize > _MAX_INT64:
+        numel = span = 1  # span: the product with zero dimensions counted as 1, which must be addressable too
+        for d in shape:  # a loop, not math.prod over generators: this runs for every tensor of every frame
+            if type(d) is not int or d < 0:
+                raise error(f"tensor {name!r}: shape must be an array of at most {MAX_NDIM} unsigned integers, "
+                            f"got {shape!r}")
+            numel *= d
+            span *= d or 1
+        if span * itemsize > _MAX_INT64:
             raise error(f"tensor {name!r}: shape {shape} is too large to address")
         if type(offset) is not int or offset < 0 or offset % ALIGN:
             raise error(f"tensor {name!r}: offset {offset!r} is not a multiple of {ALIGN}")
-        expected = math.prod(shape) * itemsize
+        expected = numel * itemsize
         if type(nbytes) is not int or nbytes != expected:
             raise error(f"tensor {name!r}: nbytes {nbytes!r} != prod(shape) * itemsize = {expected}")
         if offset + nbytes > payload_nbytes:
@@ -257,6 +264,8 @@ def _check_table(
                 f"tensor {name!r}: bytes [{offset}, {offset + nbytes}) lie outside the {payload_nbytes}-byte payload"
             )
         specs.append(TensorSpec(name, dtype, tuple(shape), offset, nbytes))
+    if len(specs) < 2:
+        return tuple(specs)
     end = 0
     for spec in sorted((s for s in specs if s.nbytes), key=lambda s: s.offset):
         if spec.offset < end:

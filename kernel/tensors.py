@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
+import numpy
 import torch
 
 from .abi import DEFAULT_LIMITS, Limits
@@ -68,12 +69,37 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _numpy_standin(dtype: torch.dtype) -> torch.dtype | None:
+    """`dtype` itself if tensor.numpy() takes it, else an integer dtype of its size that it takes
+    (bfloat16, the float8s), else None."""
+    for candidate in (dtype, {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(dtype.itemsize)):
+        if candidate is not None:
+            try:
+                torch.zeros(1, dtype=dtype).view(candidate).numpy()
+            except (TypeError, RuntimeError):
+                continue
+            return candidate
+    return None
+
+
+# dtype -> the dtype a tensor of it is viewed as for numpy, which exposes its bytes (see _host_bytes).
+_NUMPY_STANDIN: Final[dict[torch.dtype, torch.dtype]] = {
+    dtype: standin for dtype in DTYPE_TO_TORCH.values() if (standin := _numpy_standin(dtype)) is not None
+}
+
+
 def _host_bytes(tensor: torch.Tensor) -> memoryview:
     """A flat byte view of a tensor's elements in row-major order, on the host.
 
     Zero copy for a contiguous CPU tensor; a CUDA tensor is copied to the host
     (synchronously) and a non-contiguous one is made contiguous.
     """
+    # The usual tensor, in one numpy view and no torch ops: a contiguous CPU tensor (the view keeps it alive).
+    if (tensor.is_cpu and tensor.is_contiguous() and not tensor.requires_grad and tensor.layout is torch.strided
+            and not tensor.is_conj() and not tensor.is_neg() and tensor.numel()):
+        standin = _NUMPY_STANDIN.get(tensor.dtype)
+        if standin is not None:
+            return memoryview((tensor if standin is tensor.dtype else tensor.view(standin)).numpy()).cast("B")
     if tensor.layout is not torch.strided:
         raise EINVAL(f"only dense tensors can travel, got layout {tensor.layout}")
     if tensor.device.type == "meta":
@@ -103,10 +129,13 @@ class _Packer:
             if not _MIN_INT <= obj <= _MAX_INT:
                 raise EINVAL(f"integer {obj} does not fit CBOR's 64-bit range; send it as a tensor or a string")
             return obj
-        if isinstance(obj, torch.Tensor):
+        if kind is torch.Tensor:
             self._deeper(depth)
             return {TENSOR_KEY: self._add(obj)}
-        if isinstance(obj, Mapping):
+        if kind is not dict and isinstance(obj, torch.Tensor):  # a subclass
+            self._deeper(depth)
+            return {TENSOR_KEY: self._add(obj)}
+        if kind is dict or isinstance(obj, Mapping):
             self._deeper(depth)
             out: dict[str, Any] = {}
             for key, value in obj.items():
@@ -238,12 +267,27 @@ class PayloadPool:
 PAYLOAD_POOL: Final = PayloadPool()
 
 
+# wire dtype name -> (the numpy dtype its bytes are read as, the torch dtype that reads as, its itemsize); bool is
+# left out: its bytes must be checked first (see _tensor_view).
+_VIA_NUMPY: Final[dict[str, tuple[Any, torch.dtype, int]]] = {
+    name: (torch.zeros(1, dtype=_NUMPY_STANDIN[dtype]).numpy().dtype, _NUMPY_STANDIN[dtype], dtype.itemsize)
+    for name, dtype in DTYPE_TO_TORCH.items() if dtype in _NUMPY_STANDIN and dtype is not torch.bool
+}
+
+
 def _tensor_view(frame: Frame, spec: TensorSpec) -> torch.Tensor:
     dtype = DTYPE_TO_TORCH.get(spec.dtype)
     if dtype is None:
         raise EINVAL(f"tensor {spec.name!r} has dtype {spec.dtype!r}, unknown to this build of torch")
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=dtype)
+    via = _VIA_NUMPY.get(spec.dtype)
+    if via is not None:  # the usual tensor: one numpy view of the payload, fewer steps than torch.frombuffer's
+        np_dtype, read_as, itemsize = via
+        array = numpy.frombuffer(frame.payload, dtype=np_dtype, count=spec.nbytes // itemsize, offset=spec.offset)
+        tensor = torch.from_numpy(array.reshape(spec.shape))
+        if not tensor.data_ptr() % itemsize:  # else the bytes way below: any op on it, a copy too, may crash
+            return tensor if read_as is dtype else tensor.view(dtype)
     raw = torch.frombuffer(frame.payload, dtype=torch.uint8, count=spec.nbytes, offset=spec.offset)
     if raw.data_ptr() % spec.itemsize:
         raw = raw.clone()  # a misaligned wide dtype can crash vectorised kernels; a fresh allocation is aligned
@@ -357,6 +401,11 @@ def encode_message(header: Mapping[str, Any], *, flags: int = 0, limits: Limits 
         raise EINVAL("encode_message builds 'tensors' itself; pass a header without it")
     if type(header) is dict and _plain(header, 1, limits.max_cbor_depth):
         return encode_frame(header, (), flags, limits=limits)
+    return _encode_packed(header, flags, limits)
+
+
+def _encode_packed(header: Mapping[str, Any], flags: int, limits: Limits) -> list[Part]:
+    """encode_message for a header that is not plain: pack it, lay its tensors out, encode."""
     packed, entries = pack(header, max_depth=limits.max_cbor_depth)
     if not entries:
         return encode_frame(packed, (), flags, limits=limits)
@@ -390,7 +439,7 @@ def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFA
         and type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE
     ):
         return [encode_result(rid, result, flags, limits=limits)]
-    return encode_message({"id": rid, "ok": True, "result": result}, flags=flags, limits=limits)
+    return _encode_packed({"id": rid, "ok": True, "result": result}, flags, limits)
 
 
 def encode_request(rid: int, name: str, args: dict[str, Any], *, limits: Limits = DEFAULT_LIMITS) -> list[Part]:
@@ -403,4 +452,4 @@ def encode_request(rid: int, name: str, args: dict[str, Any], *, limits: Limits 
         and _plain(args, 2, limits.max_cbor_depth)
     ):
         return [encode_call(rid, name, args, limits=limits)]
-    return encode_message({"id": rid, "call": name, "args": args}, limits=limits)
+    return _encode_packed({"id": rid, "call": name, "args": args}, 0, limits)

@@ -6,11 +6,18 @@ Rules:
     torch.cuda.MemPool, so activations never mix with other memory; when the
     request's tensors die their blocks return to that pool for the next request.
     The peak is measured with the device's peak-allocated counter, reset at the
-    scope's start (the worker is the only thread that allocates on the device).
-    The counters are read from the allocator's nested statistics, not through
-    torch.cuda.memory_allocated(), which flattens and sorts every statistic in
-    Python on each call: twice per request, that was a large share of a small
-    request's fixed cost.
+    scope's start (the worker is the only thread that allocates on the device),
+    and read once, at its end: the request's peak is that peak less what is still
+    allocated then. Tensors a request keeps past its end (none should: replies
+    are copied to the host and a session's state lives in its arena) are not
+    counted.
+  - Cost: a request pays two allocator calls before its first kernel (reset the
+    peak, route to the pool) and one statistics read after its reply has gone.
+    The calls go to torch's C entry points, resolved once: the public wrappers
+    find the device index in Python on every call, and torch.cuda.memory_allocated()
+    flattens and sorts every statistic. Reading the statistics builds them all
+    as Python dicts, the most expensive of these calls: once per request, after
+    the reply.
   - On CPU torch keeps no allocation statistics: the scope is accounting only. The
     caller reports bytes (`reserve_nbytes`, typically the plan's figure, and
     `account()`/`release()`); the peak is the largest running total.
@@ -20,6 +27,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,10 +59,32 @@ class StackScope:
         self.current_nbytes = max(0, self.current_nbytes - nbytes)
 
 
-def _allocated_bytes(device: torch.device) -> dict[str, int]:
-    """The caching allocator's allocated-bytes counters of `device` (current, peak, allocated, freed),
-    straight from its nested statistics (see the module rules)."""
-    return torch.cuda.memory_stats_as_nested_dict(device)["allocated_bytes"]["all"]
+class _CudaAllocatorCalls:
+    """The allocator calls of a stack scope for one device and pool, bound once (see the module rules).
+
+    Those that torch.cuda.use_mem_pool makes, on the same entry points; the statistics and the peak
+    reset through torch._C where this build of torch has them, else through the public functions.
+    """
+
+    def __init__(self, device: torch.device, pool: torch.cuda.MemPool) -> None:
+        from torch.cuda import memory
+
+        index = torch.cuda._utils._get_device_index(device, optional=True)
+        pool_id = pool.id
+        self.begin = functools.partial(memory._cuda_beginAllocateCurrentThreadToPool, index, pool_id)
+        self.end = functools.partial(memory._cuda_endAllocateToPool, index, pool_id)
+        self.release = functools.partial(memory._cuda_releasePool, index, pool_id)
+        c = torch._C
+        if hasattr(c, "_cuda_resetPeakMemoryStats") and hasattr(c, "_cuda_memoryStats"):
+            self.reset_peak = functools.partial(c._cuda_resetPeakMemoryStats, index)
+            self._stats = functools.partial(c._cuda_memoryStats, index)
+        else:  # pragma: no cover - a torch without the private names
+            self.reset_peak = functools.partial(torch.cuda.reset_peak_memory_stats, index)
+            self._stats = functools.partial(torch.cuda.memory_stats_as_nested_dict, index)
+
+    def allocated_bytes(self) -> dict[str, int]:
+        """The allocated-bytes counters (current, peak, allocated, freed) of every pool of the device."""
+        return self._stats()["allocated_bytes"]["all"]
 
 
 class StackSegment:
@@ -65,6 +95,7 @@ class StackSegment:
         self.device = device
         self.capacity_nbytes = capacity_nbytes
         self.pool = torch.cuda.MemPool() if device.type == "cuda" else None
+        self._cuda = _CudaAllocatorCalls(device, self.pool) if self.pool is not None else None
         self.lock = lock  # guards the figures below
         self.active: StackScope | None = None  # worker only
         self.last_peak_nbytes = 0
@@ -80,15 +111,17 @@ class StackSegment:
         scope = StackScope(reserve_nbytes=reserve_nbytes, peak_nbytes=reserve_nbytes)
         self.active = scope
         try:
-            if self.pool is not None:
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = _allocated_bytes(self.device)["current"]
+            cuda = self._cuda
+            if cuda is not None:
+                cuda.reset_peak()
+                cuda.begin()
                 try:
-                    with torch.cuda.use_mem_pool(self.pool, self.device):
-                        yield scope
+                    yield scope
                 finally:
-                    measured = _allocated_bytes(self.device)["peak"] - base
-                    scope.peak_nbytes = max(scope.peak_nbytes, measured)
+                    cuda.end()
+                    cuda.release()
+                    counters = cuda.allocated_bytes()
+                    scope.peak_nbytes = max(scope.peak_nbytes, counters["peak"] - counters["current"])
             else:
                 yield scope
         finally:

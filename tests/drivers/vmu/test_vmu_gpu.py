@@ -87,6 +87,20 @@ def test_stack_scope_measures_peak(cuda_vmu: VMU) -> None:
     assert cuda_vmu.stat()["stack"]["requests"] == 1
 
 
+def test_stack_scope_counts_only_its_own_transient_bytes(cuda_vmu: VMU) -> None:
+    """Memory allocated between scopes, or kept past one, is not a request's activations."""
+    outside = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")  # allocated before the scope, still alive
+    with cuda_vmu.stack_scope() as scope:
+        transient = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
+        kept = torch.empty(2 * MiB, dtype=torch.uint8, device="cuda")
+        del transient
+    assert 8 * MiB <= scope.peak_nbytes < 16 * MiB
+    del outside, kept
+    with cuda_vmu.stack_scope() as scope:  # the memory freed meanwhile does not count either
+        torch.empty(1 * MiB, dtype=torch.uint8, device="cuda")
+    assert 1 * MiB <= scope.peak_nbytes < 8 * MiB
+
+
 def test_real_cuda_oom_becomes_out_of_memory() -> None:
     from djinn.drivers.errors import OutOfMemory
 
