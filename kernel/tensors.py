@@ -129,10 +129,7 @@ class _Packer:
             if not _MIN_INT <= obj <= _MAX_INT:
                 raise EINVAL(f"integer {obj} does not fit CBOR's 64-bit range; send it as a tensor or a string")
             return obj
-        if kind is torch.Tensor:
-            self._deeper(depth)
-            return {TENSOR_KEY: self._add(obj)}
-        if kind is not dict and isinstance(obj, torch.Tensor):  # a subclass
+        if kind is torch.Tensor or (kind is not dict and isinstance(obj, torch.Tensor)):  # the type first: cheaper
             self._deeper(depth)
             return {TENSOR_KEY: self._add(obj)}
         if kind is dict or isinstance(obj, Mapping):
@@ -286,8 +283,9 @@ def _tensor_view(frame: Frame, spec: TensorSpec) -> torch.Tensor:
         np_dtype, read_as, itemsize = via
         array = numpy.frombuffer(frame.payload, dtype=np_dtype, count=spec.nbytes // itemsize, offset=spec.offset)
         tensor = torch.from_numpy(array.reshape(spec.shape))
-        if not tensor.data_ptr() % itemsize:  # else the bytes way below: any op on it, a copy too, may crash
+        if not tensor.data_ptr() % itemsize:
             return tensor if read_as is dtype else tensor.view(dtype)
+        # Misaligned: read as bytes below, since any op on a misaligned wide tensor, a copy too, may crash.
     raw = torch.frombuffer(frame.payload, dtype=torch.uint8, count=spec.nbytes, offset=spec.offset)
     if raw.data_ptr() % spec.itemsize:
         raw = raw.clone()  # a misaligned wide dtype can crash vectorised kernels; a fresh allocation is aligned
