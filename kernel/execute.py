@@ -41,20 +41,18 @@ class Execute:
         return self.k.models.get(s.model).model
 
     def _ids(self, model: Any, input_ids: Any) -> Any:
-        import torch
-
+        """The token ids of one sequence: a list of ints or a 1-D integer tensor (the schema checked the
+        kinds), as the driver's check_ids takes them; no conversion here, since it makes its own."""
         if isinstance(input_ids, str):
             if model.tokenizer is None:
                 raise EINVAL("input_ids: this model has no tokenizer; send token ids", details={"argument": "input_ids"})
-            input_ids = model.tokenizer.encode(input_ids)
-        if isinstance(input_ids, list):
-            input_ids = torch.tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 2:
+            return model.tokenizer.encode(input_ids)
+        if not isinstance(input_ids, list) and input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
                 raise EINVAL(f"input_ids: a session holds one sequence; got a batch of {input_ids.shape[0]}",
                              details={"argument": "input_ids"})
-            input_ids = input_ids[0]
-        return input_ids.to(torch.long)
+            return input_ids[0]
+        return input_ids
 
     def _check_pause(self, model: Any, pause_at: int | None) -> None:
         if pause_at is not None and not 0 <= pause_at < model.n_layers:
@@ -89,7 +87,7 @@ class Execute:
         fn = functools.partial(self._replied, reply_to, model.forward, s.seq, ids, pause_at=pause_at,
                                return_logits=return_logits, return_activation=return_activation)
         op = "forward_all" if return_logits == "all" else "forward"
-        return await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), op, fn))
+        return await self.k.on_device(s, self._admitted(model, s, len(ids), op, fn))
 
     async def resume(self, s: Session, activation: Any, *, return_logits: str | int, pause_at: int | None,
                      return_activation: str, reply_to: Call | None = None) -> dict[str, Any] | EncodedReply:
@@ -110,7 +108,7 @@ class Execute:
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, input_ids)
-        steps = await self.k.on_device(s, self._admitted(model, s, int(ids.numel()), "forward", functools.partial(
+        steps = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", functools.partial(
             model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=tuple(stop))))
         tok = model.tokenizer
