@@ -75,14 +75,13 @@ class DeviceWorker:
                 continue
             t0 = now()
             try:
-                result = fn(*args)
+                outcome, setter = fn(*args), _set_result
             except BaseException as exc:  # noqa: BLE001 - crosses back to the awaiting task
-                self._deliver(loop, _set_exception, future, exc)
-            else:
-                self._deliver(loop, _set_result, future, result)
-            finally:
-                self.busy_s += now() - t0
-                self.calls += 1
+                outcome, setter = exc, _set_exception
+            # Counted before the hand-back, so the awaiting task sees its own call in the figures.
+            self.busy_s += now() - t0
+            self.calls += 1
+            self._deliver(loop, setter, future, outcome)
 
     @staticmethod
     def _deliver(loop: Any, setter: Callable[[asyncio.Future[Any], Any], None], future: asyncio.Future[Any],
