@@ -402,7 +402,8 @@ def _header_too_big(nbytes: int, limits: Limits) -> E2BIG:
 
 # The envelopes of the two usual frames, written by hand around the one value cbor2 encodes:
 # a cbor2.dumps call costs several hundred nanoseconds even for a small map. The bytes are
-# exactly cbor2's (shortest heads, keys in insertion order); a test compares them.
+# exactly cbor2's (shortest heads, keys in insertion order); a test compares them. The
+# Decoder reads them back by hand the same way (Decoder._read_envelope).
 _UINT_HEADS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
 _TEXT_HEADS: Final = tuple(bytes((0x60 | n,)) if n < 24 else bytes((0x78, n)) for n in range(256))
 _pack_head16: Final = struct.Struct(">BH").pack
@@ -427,8 +428,6 @@ def _cbor_head(major: int, n: int, small: tuple[bytes, ...]) -> bytes:
 
 
 def _value_cbor(value: Any) -> bytes:
-    if type(value) is dict and not value:
-        return _EMPTY_MAP
     try:
         return cbor2.dumps(value)
     except (cbor2.CBORError, TypeError, ValueError) as exc:
@@ -442,7 +441,10 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    encoded = b"".join((_MAP3_ID, _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE, _value_cbor(result)))
+    encoded = b"".join((
+        _MAP3_ID, _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE,
+        _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result),
+    ))
     if len(encoded) > limits.max_header_nbytes:
         raise _header_too_big(len(encoded), limits)
     return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), 0) + encoded
@@ -459,9 +461,11 @@ def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = D
         name_utf8 = name.encode()
     except UnicodeEncodeError as exc:
         raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
+    size = len(name_utf8)
     encoded = b"".join((
-        _MAP3_ID, _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE, _cbor_head(0x60, len(name_utf8), _TEXT_HEADS),
-        name_utf8, _ARGS_KEY, _value_cbor(args),
+        _MAP3_ID, _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE,
+        _TEXT_HEADS[size] if size < 256 else _cbor_head(0x60, size, _TEXT_HEADS),
+        name_utf8, _ARGS_KEY, _EMPTY_MAP if not args else _value_cbor(args),
     ))
     if len(encoded) > limits.max_header_nbytes:
         raise _header_too_big(len(encoded), limits)
@@ -510,7 +514,7 @@ class Decoder:
     __slots__ = (
         "_limits", "_alloc", "_staging", "_start", "_end", "_phase", "_flags", "_header_nbytes",
         "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor", "_cbor_in",
-        "_staged_in", "_staged_cbor",
+        "_staged_in", "_staged_cbor", "_value_cbor",
     )
 
     def __init__(
@@ -543,6 +547,9 @@ class Decoder:
         self._error: KernelError | None = None
         # One CBOR decoder per stream for the life of the Decoder: cheaper than one per header.
         self._staged_cbor = _header_decoder(self._staged_in, limits)
+        # The value of a usual envelope (see _read_envelope), one container level below the header map.
+        self._value_cbor = (_header_decoder(self._staged_in, limits, limits.max_cbor_depth - 1)
+                            if limits.max_cbor_depth >= 2 else None)
         self._cbor_in = io.BytesIO()
         self._cbor = _header_decoder(self._cbor_in, limits)
 
@@ -652,8 +659,13 @@ class Decoder:
                 start += PREFIX_NBYTES
                 avail -= PREFIX_NBYTES
                 if not payload_nbytes and header_nbytes <= avail:
-                    header = self._decode_staged(start, header_nbytes)
-                    frames.append(_new_frame(Frame, (flags, header, _EMPTY, check_header(header, flags, 0, limits))))
+                    header = self._read_envelope(start, header_nbytes, flags)
+                    if header is None:
+                        header = self._decode_staged(start, header_nbytes)
+                        specs = check_header(header, flags, 0, limits)
+                    else:
+                        specs = ()
+                    frames.append(_new_frame(Frame, (flags, header, _EMPTY, specs)))
                     start += header_nbytes
                     continue
                 self._flags = flags
@@ -686,6 +698,65 @@ class Decoder:
         if left and start:
             buf[:left] = buf[start:end]
         self._start, self._end = 0, left
+
+    def _read_envelope(self, start: int, nbytes: int, flags: int) -> dict[str, Any] | None:
+        """The header of `nbytes` at `start` of the staging buffer if it is one of the two usual
+        envelopes, as encode_call and encode_result write them: {"id", "call", "args"} (no MORE) or
+        {"id", "ok": true, "result"}. Only the value (args, result) goes through CBOR, with the
+        header's rules one level down; what check_header checks holds by construction. None for
+        anything else, which the general path decodes, checks and, if malformed, rejects."""
+        value_cbor = self._value_cbor
+        if value_cbor is None or nbytes < 12:
+            return None
+        stream = self._staged_in
+        stream.seek(start)
+        h = stream.read(nbytes)
+        if not h.startswith(_MAP3_ID):
+            return None
+        head = h[4]
+        if head < 24:
+            rid, pos = head, 5
+        elif head <= 27:  # 1, 2, 4 or 8 bytes follow
+            pos = 5 + (1 << (head - 24))
+            rid = int.from_bytes(h[5:pos], "big")
+        else:
+            return None
+        if h.startswith(_RESULT_MIDDLE, pos):
+            pos += len(_RESULT_MIDDLE)
+            name = None
+        elif not flags and h.startswith(_CALL_MIDDLE, pos):
+            head = h[pos + 5] if pos + 6 < nbytes else 0
+            if 0x60 <= head < 0x78:
+                size, pos = head - 0x60, pos + 6
+            elif head == 0x78:
+                size, pos = h[pos + 6], pos + 7
+            else:
+                return None
+            try:
+                name = h[pos : pos + size].decode()
+            except UnicodeDecodeError:
+                return None
+            pos += size
+            if not h.startswith(_ARGS_KEY, pos):
+                return None
+            pos += len(_ARGS_KEY)
+        else:
+            return None
+        if pos == nbytes - 1 and h[pos] == 0xA0:
+            value: Any = {}
+        else:
+            stream.seek(start + pos)
+            try:
+                value = value_cbor.decode()
+            except Exception:  # noqa: BLE001 - the general path finds and reports what is wrong
+                return None
+            if stream.tell() != start + nbytes:
+                return None
+        if name is None:
+            return {"id": rid, "ok": True, "result": value}
+        if type(value) is not dict:
+            return None
+        return {"id": rid, "call": name, "args": value}
 
     def _decode_staged(self, start: int, nbytes: int) -> Any:
         """The header of `nbytes` at `start` of the staging buffer, decoded where it lies. Raises ProtocolError."""
@@ -754,11 +825,12 @@ class Decoder:
         self._phase = _PREFIX_PHASE
 
 
-def _header_decoder(stream: io.BytesIO, limits: Limits) -> cbor2.CBORDecoder:
-    """A CBOR decoder of headers from `stream`: text keys only, no tags, no duplicate keys, `max_cbor_depth` deep."""
+def _header_decoder(stream: io.BytesIO, limits: Limits, max_depth: int | None = None) -> cbor2.CBORDecoder:
+    """A CBOR decoder of headers from `stream`: text keys only, no tags, no duplicate keys, `max_cbor_depth` deep
+    (or `max_depth`)."""
     return cbor2.CBORDecoder(
         stream,
-        max_depth=limits.max_cbor_depth,
+        max_depth=limits.max_cbor_depth if max_depth is None else max_depth,
         allow_duplicate_keys=False,
         strict_hashable_types=True,
         semantic_decoders=_REJECT_TAGS,

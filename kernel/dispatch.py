@@ -120,21 +120,17 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
     pipelined requests: hello, answered inline, cannot authenticate a call sent before it.
     """
     t0 = _now()
-    ok = False
-    in_task = type(name) is str and name in ASYNC_CALLS
     try:
         row, call, args = _prepare(kernel, peer, rid, name, raw_args)
-        if in_task:
-            ok = True
+        if name in ASYNC_CALLS:
             return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
         result = row.handler(kernel, call, **args)
         peer.reply(rid, {} if result is None else result)
-        ok = True
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)
-    finally:
-        if not (ok and in_task):
-            kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, ok)
+        kernel.stats.record(name if type(name) is str and name in TABLE else "<unknown>", _now() - t0, False)
+        return None
+    kernel.stats.record(name, _now() - t0, True)
     return None
 
 

@@ -65,6 +65,9 @@ class Connection(asyncio.BufferedProtocol):
         self.close_after_reply = False
         self.transport: asyncio.Transport | None = None
         self.decoder = Decoder(kernel.limits, alloc_payload=kernel.alloc_payload or PAYLOAD_POOL)
+        # The event loop binds get_buffer once, when the connection is made, and calls it before every
+        # read: the decoder's own method, with no frame of ours around it.
+        self.get_buffer = self.decoder.get_buffer  # type: ignore[method-assign]
         self.tasks: set[asyncio.Task[None]] = set()
         self._corking = False  # inside buffer_updated: replies wait in _corked and leave together at its end
         self._corked: list[Part] = []
@@ -258,7 +261,10 @@ class Connection(asyncio.BufferedProtocol):
             parts = encode_reply(rid, result, flags=FLAG_MORE if more else 0, limits=self.kernel.limits)
         except KernelError as err:
             parts = self._error_parts(rid, err)
-        self._queue(parts)
+        if self._corking:  # _queue, inline: this is every reply's path
+            self._corked += parts
+        else:
+            self._write(parts)
 
     def reply_error(self, rid: int, err: KernelError) -> None:
         if self.closed or self.transport is None:

@@ -321,7 +321,7 @@ def unpack(obj: Any, frame: Frame) -> Any:
     object. A frame without tensors gives `obj` back itself, not a copy. Raises
     EPROTO for a malformed reference or a name not in the table.
     """
-    if not frame.tensors and not _has_reference(obj):
+    if not frame.tensors and (not obj or not _has_reference(obj)):
         return obj
     return _Unpacker(frame).walk(obj)
 
@@ -433,7 +433,7 @@ def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFA
     kind = type(result)
     if (
         (kind in _SCALARS or (kind is int and _MIN_INT <= result <= _MAX_INT)
-         or ((kind is dict or kind is list) and _plain(result, 2, limits.max_cbor_depth)))
+         or ((kind is dict or kind is list) and (not result or _plain(result, 2, limits.max_cbor_depth))))
         and type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE
     ):
         return [encode_result(rid, result, flags, limits=limits)]
@@ -447,7 +447,7 @@ def encode_request(rid: int, name: str, args: dict[str, Any], *, limits: Limits 
     """
     if (
         type(args) is dict and type(name) is str and type(rid) is int and 0 <= rid <= _MAX_INT
-        and _plain(args, 2, limits.max_cbor_depth)
+        and (not args or _plain(args, 2, limits.max_cbor_depth))
     ):
         return [encode_call(rid, name, args, limits=limits)]
     return _encode_packed({"id": rid, "call": name, "args": args}, 0, limits)

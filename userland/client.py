@@ -238,9 +238,18 @@ class Kernel:
         # directly, with no inbox, routing any frame for another request to its inbox.
         try:
             with self._send_lock:
-                self._send(parts)
-            while (frame := self._read_until(rid)).flags & FLAG_MORE:
-                self._decode(frame)
+                if len(parts) == 1:  # _send's first case, inline: every small request
+                    self._sock.sendall(parts[0])
+                else:
+                    self._send(parts)
+            while True:
+                frame = self._read_frame()
+                if frame.header["id"] != rid:
+                    self._route(frame)
+                elif frame.flags & FLAG_MORE:
+                    self._decode(frame)
+                else:
+                    break
         finally:
             self._release_reader()
         return self._decode(frame)

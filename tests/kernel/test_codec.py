@@ -870,3 +870,112 @@ def test_encode_laid_out_checks_the_limits_like_encode_frame():
         assert a.value.message == b.value.message
     with pytest.raises(EINVAL):
         encode_laid_out({"id": 1, "tensors": rows}, views)  # neither a request nor a reply
+
+
+# -- the same envelopes read back by hand (Decoder._read_envelope) ---------------------
+
+
+def _general(header_bytes: bytes, flags: int, limits: abi.Limits = abi.DEFAULT_LIMITS) -> Any:
+    """What the general path makes of a payload-free frame's header: the header, or the ProtocolError."""
+    dec = Decoder(limits)
+    dec.get_buffer()[: len(header_bytes)] = header_bytes  # staged, not yet parsed
+    try:
+        header = dec._decode_staged(0, len(header_bytes))
+        check_header(header, flags, 0, limits)
+    except ProtocolError as exc:
+        return exc
+    return header
+
+
+def _by_hand(header_bytes: bytes, flags: int, limits: abi.Limits = abi.DEFAULT_LIMITS) -> Any:
+    dec = Decoder(limits)
+    dec.get_buffer()[: len(header_bytes)] = header_bytes
+    return dec._read_envelope(0, len(header_bytes), flags)
+
+
+@FUZZ
+@given(
+    rid=st.integers(0, 2**64 - 1) | st.sampled_from(EDGE_IDS),
+    name=st.text(max_size=30) | st.sampled_from(["x" * 23, "x" * 24, "y" * 255, "z" * 256, "é" * 40]),
+    value=values,
+    reply=st.booleans(),
+    more=st.booleans(),
+)
+def test_usual_envelopes_are_read_by_hand_as_the_general_path_reads_them(
+    rid: int, name: str, value: Any, reply: bool, more: bool
+) -> None:
+    if reply:
+        encoded, flags = encode_result(rid, value, FLAG_MORE if more else 0), FLAG_MORE if more else 0
+    else:
+        args = {"v": value, "n": name}
+        encoded, flags = encode_call(rid, name, args), 0
+    header_bytes = encoded[PREFIX_NBYTES:]
+    by_hand = _by_hand(header_bytes, flags)
+    expected = _general(header_bytes, flags)
+    assert not isinstance(expected, ProtocolError)
+    if len(name.encode()) < 256:  # longer names take the general path (their length head is 2 bytes)
+        assert by_hand == expected
+    [frame] = decode_all(encoded)
+    assert frame.header == expected and frame.tensors == ()
+
+
+@FUZZ
+@given(
+    rid=st.integers(0, 2**64 - 1) | st.sampled_from(EDGE_IDS),
+    value=values,
+    reply=st.booleans(),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3),
+    cut=st.integers(0, 8),
+    flags=st.sampled_from([0, FLAG_MORE]),
+)
+def test_a_header_read_by_hand_is_one_the_general_path_accepts_as_is(
+    rid: int, value: Any, reply: bool, edits: list[tuple[int, int]], cut: int, flags: int
+) -> None:
+    """Corrupt a usual envelope (change bytes, drop the end): whatever the hand reader accepts, the
+    general path accepts too and reads the same; what it declines is left to the general path."""
+    encoded = encode_result(rid, value) if reply else encode_call(rid, "forward", {"session": "s", "v": value})
+    header_bytes = bytearray(encoded[PREFIX_NBYTES:])
+    for at, byte in edits:
+        header_bytes[at % len(header_bytes)] = byte
+    header_bytes = bytes(header_bytes[: max(1, len(header_bytes) - cut)])
+    by_hand = _by_hand(header_bytes, flags)
+    if by_hand is not None:
+        assert _general(header_bytes, flags) == by_hand
+
+
+@pytest.mark.parametrize("limit", [2, 3, 8, abi.DEFAULT_LIMITS.max_cbor_depth])
+@pytest.mark.parametrize("leaf", [1, {}, []])
+def test_depth_limit_is_the_same_by_hand(limit: int, leaf: Any) -> None:
+    limits = abi.Limits(max_cbor_depth=limit)
+    for depth in range(limit + 2):
+        inner: Any = leaf
+        for _ in range(depth):
+            inner = [inner]
+        for encoded in (encode_call(1, "x", {"a": inner}), encode_result(1, inner)):
+            general, by_hand = _general(encoded[PREFIX_NBYTES:], 0, limits), _by_hand(encoded[PREFIX_NBYTES:], 0, limits)
+            if isinstance(general, ProtocolError):
+                assert by_hand is None
+            else:
+                assert by_hand == general
+
+
+@pytest.mark.parametrize(
+    "header_bytes, match",
+    [
+        (b"\xa3\x62id\x01\x64call\x62\xff\xfe\x64args\xa0", "CBOR"),  # the name is not UTF-8
+        (b"\xa3\x62id\x01\x64call\x61x\x64args\xa1\x01\x01", "text string"),  # a key in args
+        (b"\xa3\x62id\x01\x64call\x61x\x64args\xa2\x61k\x01\x61k\x02", "CBOR"),  # a duplicate key in args
+        (b"\xa3\x62id\x01\x64call\x61x\x64args\xc1\x01", "CBOR"),  # a tag as args
+        (b"\xa3\x62id\x01\x64call\x61x\x64args\x80", "'args' must be a map"),  # args is not a map
+        (b"\xa3\x62id\x01\x62ok\xf5\x66result\xd9\xd9\xf7\x01", "CBOR"),  # a tag in a result
+    ],
+)
+def test_malformed_usual_envelopes_are_still_refused(header_bytes: bytes, match: str) -> None:
+    assert _by_hand(header_bytes, 0) is None
+    rejects(raw_frame(header_bytes), match)
+
+
+def test_more_on_a_request_is_refused_by_hand_as_well() -> None:
+    encoded = encode_call(3, "nop", {})
+    assert _by_hand(encoded[PREFIX_NBYTES:], FLAG_MORE) is None
+    rejects(raw_frame(encoded[PREFIX_NBYTES:], flags=FLAG_MORE), "MORE")
