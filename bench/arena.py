@@ -4,7 +4,10 @@ Figures (targets: p50 <= 5 us, flat in size, growing no faster than log n in the
 - `vmu`: `VMU.alloc_arena` + `VMU.free_arena`, the real path that hands out an Arena;
 - `allocator`: the pure RangeAllocator under it, alone, for comparison.
 Each trial frees one random live arena and allocates a new one, so holes move
-around as they would under sessions coming and going. No count of live arenas of
+around as they would under sessions coming and going. The trials of a configuration
+are split over --rounds passes through all configurations, so a noisy stretch of a
+shared host lands on every configuration a little rather than on one entirely; the
+percentiles are over all of a configuration's trials. No count of live arenas of
 these sizes fits in any real memory (10,000 x 4 GB), so the sweep runs on a Data
 segment whose tensor is on the meta device: alloc_arena/free_arena never touch the
 bytes, so the path is the same. Where a configuration fits, a `vmu` row on a real
@@ -35,6 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-sessions", default="1,10,100,1000,10000",
                    help="live-arena counts to sweep, comma-separated")
     p.add_argument("--n-trials", type=int, default=5000, help="timed free+alloc pairs per configuration")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="passes through all configurations, each timing an equal share of the trials")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (the real-segment rows use it)")
     p.add_argument("--real-cap-gib", type=float, default=None,
                    help="largest real Data segment to allocate (default: half the free memory)")
@@ -70,8 +75,9 @@ def _vmu(device: torch.device, capacity: int, real: bool) -> VMU:
     return vmu
 
 
-def _measure(path: str, segment: str, device: torch.device, size: int, n_live: int, n_trials: int,
-             seed: int) -> dict[str, Any]:
+def _trials(path: str, segment: str, device: torch.device, size: int, n_live: int, n_trials: int,
+            seed: int) -> tuple[list[float], list[float], float]:
+    """(alloc seconds, free seconds, fragmentation after) of `n_trials` trials on a fresh set of `n_live` arenas."""
     capacity = (n_live + 1) * size
     rng = random.Random(seed)
     gc.collect()
@@ -90,11 +96,16 @@ def _measure(path: str, segment: str, device: torch.device, size: int, n_live: i
             frag = vmu.data.allocator.fragmentation
         finally:
             vmu.close()
+    return allocs, frees, frag
+
+
+def _summary(path: str, segment: str, size: int, n_live: int, allocs: list[float], frees: list[float],
+             frag: float, rounds: int) -> dict[str, Any]:
     pairs = [x + y for x, y in zip(allocs, frees)]
     us = lambda xs, q: percentile(xs, q) * 1e6  # noqa: E731
     return {
         "path": path, "segment": segment, "arena_nbytes": size, "arena_mib": size // MiB, "n_live": n_live,
-        "n_trials": n_trials, "alloc_p50_us": us(allocs, 50), "alloc_p99_us": us(allocs, 99),
+        "n_trials": len(pairs), "rounds": rounds, "alloc_p50_us": us(allocs, 50), "alloc_p99_us": us(allocs, 99),
         "free_p50_us": us(frees, 50), "free_p99_us": us(frees, 99), "pair_p50_us": us(pairs, 50),
         "pair_p99_us": us(pairs, 99), "fragmentation": frag,
     }
@@ -122,15 +133,28 @@ def run(args: argparse.Namespace) -> int:
             configs.append(("vmu", "meta", size, n))
             if (n + 1) * size <= real_cap:
                 configs.append(("vmu", "real", size, n))
-    rows = []
-    for path, segment, size, n in progress(configs, "arena configs"):
+    rounds = max(1, min(args.rounds, n_trials))
+    per_round = [n_trials // rounds + (r < n_trials % rounds) for r in range(rounds)]
+    samples: dict[tuple[str, str, int, int], tuple[list[float], list[float], float]] = {}
+    skipped: set[tuple[str, str, int, int]] = set()
+    for r, config in progress([(r, c) for r in range(rounds) for c in configs], "arena configs x rounds"):
+        if config in skipped:
+            continue
+        path, segment, size, n = config
         try:
-            r = _measure(path, segment, device, size, n, n_trials, args.seed)
+            allocs, frees, frag = _trials(path, segment, device, size, n, per_round[r], args.seed + r)
         except OutOfMemory as e:  # the device's free memory shrank since real_cap was read (a shared GPU)
             rec.record(metric="arena_skipped", path=path, segment=segment, arena_nbytes=size, n_live=n,
                        reason=str(e))
+            skipped.add(config)
+            samples.pop(config, None)
             continue
-        rows.append(rec.record(metric="arena_free_alloc", unit="us", device_kind=device.type, **r))
+        pooled = samples.setdefault(config, ([], [], 0.0))
+        pooled[0].extend(allocs), pooled[1].extend(frees)
+        samples[config] = (pooled[0], pooled[1], frag)
+    rows = [rec.record(metric="arena_free_alloc", unit="us", device_kind=device.type,
+                       **_summary(*config, *samples[config], rounds=rounds))
+            for config in configs if config in samples]
     by = {(r["path"], r["segment"], r["arena_nbytes"], r["n_live"]): r for r in rows}
     for path, segment in (("vmu", "meta"), ("allocator", "none")):
         for size in sizes:
