@@ -4,7 +4,9 @@ Rules: every number in the report comes from a record under bench/results/; noth
 is typed by hand. For each benchmark, device and model, the latest full (non-quick)
 run is shown, with its stamp (commit, versions, device) and the fields all its
 records share (the run's configuration); then one table per kind of record, one
-row per record, and the figures the benchmark drew for that model.
+row per record, and the figures the benchmark drew for that model. Earlier full
+runs of the same commit are not hidden: their records that carry a target follow,
+one row per record, so a figure that varies from run to run shows it.
 """
 
 from __future__ import annotations
@@ -60,10 +62,8 @@ def _run_variant(records: list[dict[str, Any]]) -> str:
     return f"client busy-polls {polls.pop():g} us" if len(polls) == 1 and 0 not in polls else ""
 
 
-def load(results: Path, include_quick: bool) -> dict[Key, list[dict[str, Any]]]:
-    """(bench, device, model, variant) -> the records of that key's latest run. Runs of one bench on
-    one device with different models (signals on llama-1b and on llama-8b), or run differently (a
-    busy-polling client), are kept apart."""
+def _runs(results: Path, include_quick: bool) -> dict[Key, list[tuple[float, list[dict[str, Any]]]]]:
+    """(bench, device, model, variant) -> (time, records) of each of that key's runs, oldest first."""
     runs: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted(results.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -73,15 +73,33 @@ def load(results: Path, include_quick: bool) -> dict[Key, list[dict[str, Any]]]:
             if rec.get("quick") and not include_quick:
                 continue
             runs[(rec.get("bench", path.stem), rec.get("device", "?"))][rec.get("run_id", "?")].append(rec)
-    latest: dict[Key, list[dict[str, Any]]] = {}
-    newest: dict[Key, float] = {}
+    keyed: dict[Key, list[tuple[float, list[dict[str, Any]]]]] = defaultdict(list)
     for (bench, device), by_run in runs.items():
         for records in by_run.values():
             key = (bench, device, _run_model(records), _run_variant(records))
-            when = max(x.get("time_unix", 0) for x in records)
-            if key not in latest or when > newest[key]:
-                latest[key], newest[key] = records, when
-    return latest
+            keyed[key].append((max(x.get("time_unix", 0) for x in records), records))
+    for found in keyed.values():
+        found.sort(key=lambda run: run[0])
+    return keyed
+
+
+def load(results: Path, include_quick: bool) -> dict[Key, list[dict[str, Any]]]:
+    """(bench, device, model, variant) -> the records of that key's latest run. Runs of one bench on
+    one device with different models (signals on llama-1b and on llama-8b), or run differently (a
+    busy-polling client), are kept apart."""
+    return {key: found[-1][1] for key, found in _runs(results, include_quick).items()}
+
+
+def earlier_of_commit(results: Path, include_quick: bool) -> dict[Key, list[list[dict[str, Any]]]]:
+    """(bench, device, model, variant) -> the records of the runs before the latest one that measured the
+    same commit, oldest first (keys without such runs are left out)."""
+    out: dict[Key, list[list[dict[str, Any]]]] = {}
+    for key, found in _runs(results, include_quick).items():
+        commit = found[-1][1][0].get("git_commit")
+        same = [records for _, records in found[:-1] if records[0].get("git_commit") == commit]
+        if same:
+            out[key] = same
+    return out
 
 
 def _shared(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -91,22 +109,25 @@ def _shared(records: list[dict[str, Any]]) -> dict[str, Any]:
             if k not in STAMP_KEYS and all(k in rec and rec[k] == v for rec in records[1:])}
 
 
-def _table(records: list[dict[str, Any]], skip: dict[str, Any]) -> list[str]:
+def _table(records: list[dict[str, Any]], skip: dict[str, Any], stamp: tuple[str, ...] = ()) -> list[str]:
+    """One row per record; no stamp column but those in `stamp`, which lead; no column in `skip`."""
     columns: list[str] = []
     for rec in records:
         for k in rec:
-            if k not in STAMP_KEYS and k not in skip and k not in columns:
+            if (k not in STAMP_KEYS or k in stamp) and k not in skip and k not in columns:
                 columns.append(k)
-    columns.sort(key=lambda c: (c not in LEADING, LEADING.index(c) if c in LEADING else 0))
+    lead = [*stamp, *LEADING]
+    columns.sort(key=lambda c: (c not in lead, lead.index(c) if c in lead else 0))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(rec.get(c, "")) for c in columns) + " |" for rec in records]
     return lines + [""]
 
 
-def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = ()) -> str:
+def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = (),
+           earlier: dict[Key, list[list[dict[str, Any]]]] | None = None) -> str:
     """Markdown: one section per (bench, device, model): the fields its records share, one table per
-    record kind (`kind` or `metric`), then links to the figures (`figures`: file names under the
-    results dir) the bench wrote for that model."""
+    record kind (`kind` or `metric`), the records with a target of `earlier` runs of the same commit,
+    then links to the figures (`figures`: file names under the results dir) the bench wrote for that model."""
     out = ["# Benchmark results", "",
            "Generated by `python -m bench report` from `bench/results/*.jsonl`; do not edit by hand.", ""]
     for (bench, device, model, variant), records in sorted(latest.items()):
@@ -129,6 +150,12 @@ def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = ()) -> 
             if len(groups) > 1:
                 out += [f"**{kind}**", ""]
             out += _table(group, shared)
+        before = [rec for records in (earlier or {}).get((bench, device, model, variant), []) for rec in records
+                  if "target" in rec]
+        if before:
+            out += [f"**earlier runs of this commit** ({len({rec.get('run_id') for rec in before})}; "
+                    "the records with a target)", ""]
+            out += _table(before, shared, stamp=("run_id",))
         short = slug(model) if model else ""
         for name in figures:
             if name.startswith(f"{bench}_") and (not short or name.removesuffix(".svg").endswith(f"_{short}")):
@@ -138,7 +165,7 @@ def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = ()) -> 
 
 def run(args: argparse.Namespace) -> int:
     figures = sorted(p.name for p in args.results.glob("*.svg"))
-    text = render(load(args.results, args.include_quick), figures)
+    text = render(load(args.results, args.include_quick), figures, earlier_of_commit(args.results, args.include_quick))
     if args.write:
         args.write.write_text(text + "\n")
         print(f"wrote {args.write}")

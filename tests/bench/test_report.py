@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.report import load, render
+from bench.report import earlier_of_commit, load, render
 
 
 def _write(path: Path, records: list[dict]) -> None:
@@ -54,3 +54,25 @@ def test_a_run_with_a_busy_polling_client_is_kept_beside_the_default_run(tmp_pat
         ("os_tax", "GPU-X", "dummy:gpt2", "client busy-polls 5000 us"): "polling",
     }
     assert "## os_tax on GPU-X, dummy:gpt2 (client busy-polls 5000 us)" in render(latest)
+
+
+def test_earlier_runs_of_the_latest_commit_are_shown_with_their_targets(tmp_path: Path) -> None:
+    def rec(run: str, t: float, commit: str, ratio: float, metric: str = "null_round_trip") -> dict:
+        r = {"bench": "rpc", "device": "GPU-X", "run_id": run, "time_unix": t, "quick": False,
+             "git_commit": commit, "metric": metric, "ratio_p50": ratio}
+        if metric == "null_round_trip":
+            r["target"] = "ratio_p50 <= 2"
+        return r
+
+    _write(tmp_path / "rpc.jsonl", [
+        rec("old-commit", 1.0, "aaa", 3.25), rec("first", 2.0, "bbb", 1.75), rec("first", 2.0, "bbb", 7.5, "other"),
+        rec("second", 3.0, "bbb", 2.5),
+    ])
+    key = ("rpc", "GPU-X", "", "")
+    earlier = earlier_of_commit(tmp_path, include_quick=False)
+    assert [[r["run_id"] for r in records] for records in earlier[key]] == [["first", "first"]]
+    text = render(load(tmp_path, include_quick=False), [], earlier)
+    latest, before = text.split("**earlier runs of this commit**")
+    assert "run `second`" in latest and "| 2.5 |" in latest
+    assert "| first |" in before and "| 1.75 |" in before  # the earlier run of the same commit, with its target
+    assert "7.5" not in before and "3.25" not in text  # records without a target, and other commits, stay out
