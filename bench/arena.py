@@ -149,9 +149,8 @@ def run(args: argparse.Namespace) -> int:
             skipped.add(config)
             samples.pop(config, None)
             continue
-        pooled = samples.setdefault(config, ([], [], 0.0))
-        pooled[0].extend(allocs), pooled[1].extend(frees)
-        samples[config] = (pooled[0], pooled[1], frag)
+        allocs_before, frees_before, _ = samples.get(config, ([], [], 0.0))
+        samples[config] = (allocs_before + allocs, frees_before + frees, frag)  # fragmentation: the last round's
     rows = [rec.record(metric="arena_free_alloc", unit="us", device_kind=device.type,
                        **_summary(*config, *samples[config], rounds=rounds))
             for config in configs if config in samples]

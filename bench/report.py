@@ -155,7 +155,7 @@ def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = (),
         if before:
             out += [f"**earlier runs of this commit** ({len({rec.get('run_id') for rec in before})}; "
                     "the records with a target)", ""]
-            out += _table(before, shared, stamp=("run_id",))
+            out += _table(before, {}, stamp=("run_id",))
         short = slug(model) if model else ""
         for name in figures:
             if name.startswith(f"{bench}_") and (not short or name.removesuffix(".svg").endswith(f"_{short}")):
