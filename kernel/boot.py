@@ -2,6 +2,7 @@
 
 Boot order, one line per subsystem:
   config -> logging -> uvloop event loop -> kernel (device worker, VMU, boot model)
+  -> boot objects frozen out of the cyclic GC (the daemon's own process only)
   -> Unix socket (+ optional TCP) -> READY=1 to systemd -> serve until SIGTERM/SIGINT.
 Shutdown: stop accepting; let in-flight work finish for shutdown_timeout_s, then
 fail the rest with ESHUTDOWN; close connections; remove the socket; stop the worker.
@@ -10,6 +11,7 @@ fail the rest with ESHUTDOWN; close connections; remove the socket; stop the wor
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -43,11 +45,17 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None, install_signals: bool = True) -> int:
+async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None, install_signals: bool = True,
+                freeze_boot_objects: bool = False) -> int:
     """Run the daemon until a signal (or `kernel.stop()`); returns the exit status.
 
     `on_ready(kernel)` is called once the socket listens (tests use it to reach the
     kernel); `install_signals=False` lets a test run the daemon in a thread.
+    `freeze_boot_objects` (djinnd's own process): once the kernel has booted, collect,
+    then move every object alive then out of the cyclic garbage collector's sight
+    (`gc.freeze`). torch, transformers and the boot model are a few hundred thousand
+    objects that live as long as the daemon; a full collection, which stops the event
+    loop and the worker alike, then scans only what came after boot.
     """
     from .core import Kernel
     from .server import Connection, bind_unix_socket, parse_tcp
@@ -58,6 +66,10 @@ async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     kernel = Kernel(config)
     await kernel.start()
+    if freeze_boot_objects:
+        gc.collect()  # first, so that no garbage is frozen with them
+        gc.freeze()
+        log.debug("froze %d boot objects out of the cyclic GC", gc.get_freeze_count())
     path = config.socket_path
     try:
         sock = bind_unix_socket(path)
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     try:
-        return uvloop.run(serve(config))
+        return uvloop.run(serve(config, freeze_boot_objects=True))
     except KeyboardInterrupt:
         return 130
 
