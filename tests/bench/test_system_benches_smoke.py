@@ -43,8 +43,11 @@ def test_arena_quick(tmp_path: Path) -> None:
         (path, mib, n) for path in ("vmu", "allocator") for mib in (64, 4096) for n in (1, 100)}
     for r in rows:
         assert r["n_trials"] == 300 and r["rounds"] == 3  # the rounds' trials pooled
+        assert r["n_pair_trials"] == 150  # every other trial times the pair as one interval
         _positive(r, "alloc_p50_us", "free_p50_us", "pair_p50_us", "pair_p99_us")
         assert r["pair_p99_us"] >= r["pair_p50_us"]
+    [clock] = _of(records, "arena_clock")
+    _positive(clock, "clock_p50_us")
     assert {(r["path"], r["arena_nbytes"]) for r in _of(records, "arena_scaling")} == {
         (path, mib << 20) for path in ("vmu", "allocator") for mib in (64, 4096)}
 
