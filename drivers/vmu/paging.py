@@ -42,7 +42,7 @@ class PagingMixin:
                 if copied is not None:
                     host_offset, start, end = copied
                     job = PageJob("page_out", arena.session, n, start, end, self._account)
-                    self._retire(self.data, arena.offset, end)
+                    self._retire(self.data, arena.offset, end, fresh=True)
                     arena.home_offset = arena.offset
                     arena.offset, arena.host_offset, arena.residency = None, host_offset, "host"
                     arena._fence, arena._in_fence, arena._touched = end, None, False
@@ -85,7 +85,7 @@ class PagingMixin:
                     end = s.record()
                     job = PageJob("page_in", arena.session, n, start, end, self._account)
                     if host_offset is not None:
-                        self._retire(self.host, host_offset, end)
+                        self._retire(self.host, host_offset, end, fresh=True)
                     arena.offset, arena.host_offset, arena.residency = offset, None, "device"
                     arena.home_offset = None
                     if offset != home:

@@ -5,7 +5,12 @@ Rules:
     on it start after the fence, without blocking the caller (CUDA: a stream waits
     on an event; CPU: the copy thread waits).
   - A Fence says when earlier work is done: `query()` never blocks, `wait()` blocks
-    the calling thread on that fence only, never on the whole device.
+    the calling thread on that fence only, never on the whole device. Once a fence
+    has been seen done it remembers it (`done`), so asking again, or making a stream
+    wait on it, costs no call into the device.
+  - A copy stream's timing events are reused: a fence hands its event back to the
+    stream's pool when the last reference to the fence goes, so a copy records two
+    events it already has instead of creating (and later destroying) two.
   - `compute_fence(stream)` marks the work queued so far on a compute stream; on
     CPU, compute runs synchronously on the caller's thread, so it is already done.
   - `compute_wait(fence, stream)` orders later compute after the fence: a GPU-side
@@ -25,6 +30,8 @@ __all__ = ["Fence", "CopyStream", "Backend", "DONE", "make_backend"]
 
 
 class Fence(Protocol):
+    done: bool
+
     def query(self) -> bool: ...
 
     def wait(self) -> None: ...
@@ -45,6 +52,7 @@ class _Done:
 
     __slots__ = ()
     time_s = 0.0
+    done = True
 
     def query(self) -> bool:
         return True
@@ -64,6 +72,10 @@ class _CpuFence:
         self._event = threading.Event()
         self.time_s = 0.0  # perf_counter when the stream reached this fence
         self.error: BaseException | None = None  # set if work before it failed
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
 
     def query(self) -> bool:
         return self._event.is_set()
@@ -118,16 +130,29 @@ class _CpuStream:
 
 # --------------------------------------------------------------------- CUDA
 class _CudaFence:
-    __slots__ = ("event",)
+    __slots__ = ("event", "done", "_pool")
 
-    def __init__(self, event: Any) -> None:
-        self.event = event  # torch.cuda.Event with timing enabled
+    def __init__(self, event: Any, pool: list[Any] | None = None) -> None:
+        self.event = event  # torch.cuda.Event (with timing enabled on a copy stream)
+        self.done = False  # seen done once: the event has passed, for good
+        self._pool = pool  # where the event goes back when this fence goes
 
     def query(self) -> bool:
-        return bool(self.event.query())
+        if not self.done and self.event.query():
+            self.done = True
+        return self.done
 
     def wait(self) -> None:
-        self.event.synchronize()  # blocks this thread on this event only
+        if not self.done:
+            self.event.synchronize()  # blocks this thread on this event only
+            self.done = True
+
+    def __del__(self) -> None:
+        # Nothing can wait on or time this event any more: work already queued behind it keeps the
+        # record it waited for (CUDA waits on the record made before the wait), so it may be recorded again.
+        pool = self._pool
+        if pool is not None and len(pool) < _EVENT_POOL_MAX:
+            pool.append(self.event)
 
 
 class _CudaStream:
@@ -140,13 +165,14 @@ class _CudaStream:
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device=device)
         self.device = device
+        self._events: list[Any] = []  # timing events whose fences are gone, ready to record again
         self._index = self.stream.device_index
         self._ids = (self.stream.stream_id, self.stream.device_index, self.stream.device_type)
         c = torch._C
         self._fast = hasattr(c, "_cuda_getCurrentStream") and hasattr(c, "_cuda_setStream")
 
     def wait(self, fence: Fence) -> None:
-        if isinstance(fence, _CudaFence):
+        if isinstance(fence, _CudaFence) and not fence.done:
             self.stream.wait_event(fence.event)
 
     def _on_stream(self, op: Callable[..., Any], *args: Any) -> None:
@@ -170,12 +196,16 @@ class _CudaStream:
         self._on_stream(dst.zero_)
 
     def record(self) -> Fence:
-        event = torch.cuda.Event(enable_timing=True)
+        events = self._events
+        event = events.pop() if events else torch.cuda.Event(enable_timing=True)
         event.record(self.stream)
-        return _CudaFence(event)
+        return _CudaFence(event, events)
 
     def close(self) -> None:
         pass
+
+
+_EVENT_POOL_MAX = 256  # spare timing events kept per copy stream; more in flight at once are made and dropped
 
 
 def _copy_non_blocking(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -206,7 +236,7 @@ class Backend:
 
     def compute_wait(self, fence: Fence, stream: Any = None) -> None:
         """Order later compute on `stream` (default: current) after `fence`; see the module rules."""
-        if fence.query():
+        if fence.done or fence.query():
             return
         if self.is_cuda and isinstance(fence, _CudaFence):
             (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(fence.event)

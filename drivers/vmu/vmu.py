@@ -295,9 +295,10 @@ class VMU(PagingMixin):
         if fence is not None:
             fence.wait()
 
-    def _retire(self, seg: Segment, offset: int, fence: Fence | None) -> None:
-        """Return [offset, …) to `seg` once `fence` has passed. Lock held."""
-        if fence is None or fence.query():
+    def _retire(self, seg: Segment, offset: int, fence: Fence | None, *, fresh: bool = False) -> None:
+        """Return [offset, …) to `seg` once `fence` has passed. Lock held. `fresh`: the fence was recorded just
+        now, behind a copy, so asking whether it has passed is not worth a call (a later _reap frees it)."""
+        if fence is None or (not fresh and fence.query()):
             seg.allocator.free(offset)
             return
         nbytes = seg.allocator.size_of(offset)

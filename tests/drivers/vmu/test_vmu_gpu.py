@@ -121,3 +121,20 @@ def test_copies_leave_the_callers_current_stream_as_it_was(cuda_vmu: VMU) -> Non
             cuda_vmu.finish(cuda_vmu.page_in(a))
             assert torch.cuda.current_stream() == current
             assert int(a.bytes(4 * MiB).sum(dtype=torch.int64)) == 7 * 4 * MiB
+
+
+def test_copy_events_are_reused_and_still_order_and_time_the_copies(cuda_vmu: VMU) -> None:
+    a = cuda_vmu.alloc_arena("s", 4 * MiB)
+    a.bytes(4 * MiB).fill_(7)
+    a.mark_used(4 * MiB)
+    for i in range(50):
+        out = cuda_vmu.page_out(a)
+        back = cuda_vmu.page_in(a)  # waits on the page-out's end event, on the GPU
+        a.bytes(1, 4 * MiB - 1).add_(1)  # compute ordered after the page-in
+        cuda_vmu.finish(out), cuda_vmu.finish(back)
+        assert out.seconds is not None and out.seconds > 0 and back.seconds is not None and back.seconds > 0
+        assert int(a.bytes(1, 4 * MiB - 1).item()) == 8 + i
+        del out, back
+    assert int(a.bytes(1).item()) == 7
+    pools = (cuda_vmu._d2h._events, cuda_vmu._h2d._events)
+    assert all(0 < len(pool) <= 8 for pool in pools)  # the same few events, recorded again and again
