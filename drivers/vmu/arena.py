@@ -76,7 +76,8 @@ class Arena:
             self._in_fence = None
         self._touched = True
         assert self.offset is not None
-        return vmu.data.tensor.narrow(0, self.offset + offset, nbytes).view(dtype).view(shape)
+        start = self.offset + offset
+        return vmu.data.tensor[start : start + nbytes].view(dtype).view(shape)  # a slice: see Segment.bytes_at
 
     def bytes(self, nbytes: int | None = None, offset: int = 0) -> torch.Tensor:
         """uint8 view of [offset, offset + nbytes) (default: up to the end of the arena)."""

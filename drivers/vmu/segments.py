@@ -101,8 +101,10 @@ class Segment:
             return self.allocator.free(offset)
 
     def bytes_at(self, offset: int, nbytes: int) -> torch.Tensor:
-        """The uint8 view of [offset, offset + nbytes) of the segment."""
-        return self.tensor.narrow(0, offset, nbytes)
+        """The uint8 view of [offset, offset + nbytes) of the segment (a range the caller got from the allocator).
+
+        A slice rather than narrow(): the same view, through a shorter path in torch (every copy takes two)."""
+        return self.tensor[offset : offset + nbytes]
 
     def view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
         """A contiguous `dtype` tensor of `shape` starting at byte `offset` of the segment (the Text segment's
@@ -114,7 +116,7 @@ class Segment:
             raise BadArgument(f"{self.name}: offset {offset} is not a multiple of {dtype}'s size {itemsize}")
         if offset < 0 or offset + nbytes > self.tensor.numel():
             raise BadArgument(f"{self.name}: [{offset}, {offset + nbytes}) lies outside the segment")
-        return self.tensor.narrow(0, offset, nbytes).view(dtype).view(shape)
+        return self.tensor[offset : offset + nbytes].view(dtype).view(shape)
 
     def stat(self) -> SegmentStat:
         """Call with self.lock held (VMU.stat does)."""

@@ -183,11 +183,11 @@ class _CudaStream:
         c = torch._C
         prev = c._cuda_getCurrentStream(self._index)  # (stream_id, device_index, device_type)
         sid, index, dtype = self._ids
-        c._cuda_setStream(stream_id=sid, device_index=index, device_type=dtype)
+        c._cuda_setStream(sid, index, dtype)  # (stream_id, device_index, device_type), positional: no keyword parsing
         try:
             op(*args)
         finally:
-            c._cuda_setStream(stream_id=prev[0], device_index=prev[1], device_type=prev[2])
+            c._cuda_setStream(*prev)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self._on_stream(_copy_non_blocking, dst, src)
