@@ -102,7 +102,9 @@ def _trials(path: str, segment: str, device: torch.device, size: int, n_live: in
     on a fresh set of `n_live` arenas."""
     capacity = (n_live + 1) * size
     rng = random.Random(seed)
-    gc.collect()
+    gc.collect()  # the last configuration's VMU (its arenas and it refer to each other) goes here
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # and its real segment back to the device, or this one could find no room
     if path == "allocator":
         a = RangeAllocator(capacity, 256, name="data segment")
         live: list[Any] = [a.alloc(size) for _ in range(n_live)]
