@@ -53,9 +53,9 @@ async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None
     kernel); `install_signals=False` lets a test run the daemon in a thread.
     `freeze_boot_objects` (djinnd's own process): once the kernel has booted, collect,
     then move every object alive then out of the cyclic garbage collector's sight
-    (`gc.freeze`). torch, transformers and the boot model are a few hundred thousand
-    objects that live as long as the daemon; a full collection, which stops the event
-    loop and the worker alike, then scans only what came after boot.
+    (`gc.freeze`). torch, transformers and the boot model are many objects (the
+    boot test counts them) that live as long as the daemon; a full collection, which
+    stops the event loop and the worker alike, then scans only what came after boot.
     """
     from .core import Kernel
     from .server import Connection, bind_unix_socket, parse_tcp

@@ -414,6 +414,8 @@ _RESULT_MIDDLE: Final = b"\x62ok\xf5\x66result"  # "ok": true, "result"
 _CALL_MIDDLE: Final = b"\x64call"
 _ARGS_KEY: Final = b"\x64args"
 _EMPTY_MAP: Final = b"\xa0"
+# The shortest usual envelope (id 0, a value of one byte; a request's name empty): anything shorter is not one.
+_ENVELOPE_MIN_NBYTES: Final = len(_MAP3_ID) + 2 + min(len(_RESULT_MIDDLE), len(_CALL_MIDDLE) + 1 + len(_ARGS_KEY))
 
 
 def _cbor_head(major: int, n: int, small: tuple[bytes, ...]) -> bytes:
@@ -441,7 +443,7 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    encoded = b"".join((
+    encoded = b"".join((  # a small id's head is looked up here: _cbor_head's first case, without the call
         _MAP3_ID, _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE,
         _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result),
     ))
@@ -706,7 +708,7 @@ class Decoder:
         header's rules one level down; what check_header checks holds by construction. None for
         anything else, which the general path decodes, checks and, if malformed, rejects."""
         value_cbor = self._value_cbor
-        if value_cbor is None or nbytes < 12:
+        if value_cbor is None or nbytes < _ENVELOPE_MIN_NBYTES:
             return None
         stream = self._staged_in
         stream.seek(start)

@@ -242,14 +242,8 @@ class Kernel:
                     self._sock.sendall(parts[0])
                 else:
                     self._send(parts)
-            while True:
-                frame = self._read_frame()
-                if frame.header["id"] != rid:
-                    self._route(frame)
-                elif frame.flags & FLAG_MORE:
-                    self._decode(frame)
-                else:
-                    break
+            while (frame := self._read_until(rid)).flags & FLAG_MORE:
+                self._decode(frame)
         finally:
             self._release_reader()
         return self._decode(frame)
