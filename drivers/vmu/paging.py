@@ -79,9 +79,9 @@ class PagingMixin:
                         s.wait(arena._fence)
                     start = s.record()
                     if n:
-                        s.copy(self.data.bytes_at(offset, n), self.host.bytes_at(host_offset, n))
+                        s.copy(self.data, offset, self.host, host_offset, n)
                     if offset == home and n < arena.nbytes:
-                        s.zero(self.data.bytes_at(offset + n, arena.nbytes - n))
+                        s.zero(self.data, offset + n, arena.nbytes - n)
                     end = s.record()
                     job = PageJob("page_in", arena.session, n, start, end, self._account)
                     if host_offset is not None:
@@ -143,7 +143,7 @@ class PagingMixin:
             self._wait_for_arena(s, arena, stream)
             start = s.record()
             if n:
-                s.copy(self.data.bytes_at(arena.offset, n), self.host.bytes_at(host_copy.host_offset, n))
+                s.copy(self.data, arena.offset, self.host, host_copy.host_offset, n)
             end = s.record()
             job = PageJob("restore", arena.session, n, start, end, self._account)
             arena.used_nbytes = n
@@ -175,7 +175,7 @@ class PagingMixin:
         self._wait_for_arena(s, arena, stream)
         start = s.record()
         if n:
-            s.copy(self.host.bytes_at(host_offset, n), self.data.bytes_at(arena.offset, n))
+            s.copy(self.host, host_offset, self.data, arena.offset, n)
         return (host_offset if n else None), start, s.record()
 
     def _wait_for_arena(self: "VMU", s: Any, arena: "Arena", stream: Any) -> None:

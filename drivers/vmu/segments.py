@@ -77,6 +77,7 @@ class Segment:
         self.name = name
         self.tensor = tensor  # 1-D uint8; never replaced while the VMU lives
         self.device = tensor.device
+        self.base_ptr: int = tensor.data_ptr()  # the address of byte 0 (0 on the meta device)
         self.allocator = RangeAllocator(tensor.numel(), align, name=f"{name} segment")
         self.lock = lock  # the VMU's lock; guards self.allocator and pending_free_nbytes
         self.pending_free_nbytes = 0  # guarded by lock
@@ -84,10 +85,6 @@ class Segment:
     @property
     def capacity_nbytes(self) -> int:
         return self.allocator.capacity
-
-    @property
-    def base_ptr(self) -> int:
-        return self.tensor.data_ptr()
 
     def alloc(self, nbytes: int) -> int:
         """Offset of a new range of at least `nbytes` (rounded up to the alignment). OutOfMemory if full."""
@@ -103,7 +100,7 @@ class Segment:
     def bytes_at(self, offset: int, nbytes: int) -> torch.Tensor:
         """The uint8 view of [offset, offset + nbytes) of the segment (a range the caller got from the allocator).
 
-        A slice rather than narrow(): the same view, through a shorter path in torch (every copy takes two)."""
+        A slice rather than narrow(): the same view, through a shorter path in torch."""
         return self.tensor[offset : offset + nbytes]
 
     def view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:

@@ -11,6 +11,9 @@ Rules:
   - A copy stream's timing events are reused: a fence hands its event back to the
     stream's pool when the last reference to the fence goes, so a copy records two
     events it already has instead of creating (and later destroying) two.
+  - On CUDA a copy stream calls the CUDA driver itself (cuda_driver.py): copies between
+    segment addresses, zeroing, event records and waits. torch still makes and owns the
+    streams, events and memory.
   - `compute_fence(stream)` marks the work queued so far on a compute stream; on
     CPU, compute runs synchronously on the caller's thread, so it is already done.
   - `compute_wait(fence, stream)` orders later compute after the fence: a GPU-side
@@ -26,6 +29,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from .cuda_driver import CudaDriver
+
 __all__ = ["Fence", "CopyStream", "Backend", "DONE", "make_backend"]
 
 
@@ -37,12 +42,21 @@ class Fence(Protocol):
     def wait(self) -> None: ...
 
 
+class Segment(Protocol):
+    """What a copy stream needs of a VMU segment (segments.Segment)."""
+
+    tensor: torch.Tensor
+    base_ptr: int
+
+    def bytes_at(self, offset: int, nbytes: int) -> torch.Tensor: ...
+
+
 class CopyStream(Protocol):
     def wait(self, fence: Fence) -> None: ...
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None: ...
+    def copy(self, dst: Segment, dst_offset: int, src: Segment, src_offset: int, nbytes: int) -> None: ...
 
-    def zero(self, dst: torch.Tensor) -> None: ...
+    def zero(self, dst: Segment, offset: int, nbytes: int) -> None: ...
 
     def record(self) -> Fence: ...
 
@@ -112,11 +126,11 @@ class _CpuStream:
         if not fence.query():
             self._tasks.put(fence.wait)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self._tasks.put(lambda: dst.copy_(src))
+    def copy(self, dst: Segment, dst_offset: int, src: Segment, src_offset: int, nbytes: int) -> None:
+        self._tasks.put(lambda: dst.bytes_at(dst_offset, nbytes).copy_(src.bytes_at(src_offset, nbytes)))
 
-    def zero(self, dst: torch.Tensor) -> None:
-        self._tasks.put(dst.zero_)
+    def zero(self, dst: Segment, offset: int, nbytes: int) -> None:
+        self._tasks.put(lambda: dst.bytes_at(offset, nbytes).zero_())
 
     def record(self) -> Fence:
         fence = _CpuFence()
@@ -156,49 +170,34 @@ class _CudaFence:
 
 
 class _CudaStream:
-    """A CUDA copy stream. Work is enqueued by making it the thread's current stream around one op.
+    """A CUDA copy stream. Copies, zeroing, records and waits go to the CUDA driver directly
+    (cuda_driver.py): on addresses, with no tensor view, stream switch or Event wrapper between."""
 
-    `with torch.cuda.stream(s)` builds Stream objects for the streams it saves and restores, in
-    Python, which costs more than launching the copy itself; when torch has the C entry points that
-    torch.cuda.current_stream/set_stream wrap, the switch uses them directly on plain ids."""
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, driver: CudaDriver) -> None:
         self.stream = torch.cuda.Stream(device=device)
         self.device = device
+        self._driver = driver
+        self._handle: int = self.stream.cuda_stream
         self._events: list[Any] = []  # timing events whose fences are gone, ready to record again
-        self._index = self.stream.device_index
-        self._ids = (self.stream.stream_id, self.stream.device_index, self.stream.device_type)
-        c = torch._C
-        self._fast = hasattr(c, "_cuda_getCurrentStream") and hasattr(c, "_cuda_setStream")
 
     def wait(self, fence: Fence) -> None:
         if isinstance(fence, _CudaFence) and not fence.done:
-            self.stream.wait_event(fence.event)
+            self._driver.wait(self._handle, fence.event.cuda_event)
 
-    def _on_stream(self, op: Callable[..., Any], *args: Any) -> None:
-        if not self._fast:
-            with torch.cuda.stream(self.stream):
-                op(*args)
-            return
-        c = torch._C
-        prev = c._cuda_getCurrentStream(self._index)  # (stream_id, device_index, device_type)
-        sid, index, dtype = self._ids
-        c._cuda_setStream(sid, index, dtype)  # (stream_id, device_index, device_type), positional: no keyword parsing
-        try:
-            op(*args)
-        finally:
-            c._cuda_setStream(*prev)
+    def copy(self, dst: Segment, dst_offset: int, src: Segment, src_offset: int, nbytes: int) -> None:
+        self._driver.memcpy(dst.base_ptr + dst_offset, src.base_ptr + src_offset, nbytes, self._handle)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self._on_stream(_copy_non_blocking, dst, src)
-
-    def zero(self, dst: torch.Tensor) -> None:
-        self._on_stream(dst.zero_)
+    def zero(self, dst: Segment, offset: int, nbytes: int) -> None:
+        self._driver.memset(dst.base_ptr + offset, nbytes, self._handle)
 
     def record(self) -> Fence:
         events = self._events
-        event = events.pop() if events else torch.cuda.Event(enable_timing=True)
-        event.record(self.stream)
+        if events:
+            event = events.pop()  # recorded before, so torch has created its CUDA event
+            self._driver.record(event.cuda_event, self._handle)
+        else:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(self.stream)  # torch creates the CUDA event on its first record
         return _CudaFence(event, events)
 
     def close(self) -> None:
@@ -206,10 +205,6 @@ class _CudaStream:
 
 
 _EVENT_POOL_MAX = 256  # spare timing events kept per copy stream; more in flight at once are made and dropped
-
-
-def _copy_non_blocking(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src, non_blocking=True)
 
 
 # ------------------------------------------------------------------ backend
@@ -220,9 +215,15 @@ class Backend:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self._streams: list[Any] = []
+        self._driver: CudaDriver | None = None  # made with the first CUDA copy stream
 
     def copy_stream(self, name: str) -> CopyStream:
-        stream = _CudaStream(self.device) if self.is_cuda else _CpuStream(f"djinn-vmu-{name}")
+        if self.is_cuda:
+            if self._driver is None:
+                self._driver = CudaDriver(self.device.index if self.device.index is not None else 0)
+            stream: Any = _CudaStream(self.device, self._driver)
+        else:
+            stream = _CpuStream(f"djinn-vmu-{name}")
         self._streams.append(stream)
         return stream
 
@@ -254,6 +255,9 @@ class Backend:
         for stream in self._streams:
             stream.close()
         self._streams.clear()
+        if self._driver is not None:
+            self._driver.close()
+            self._driver = None
 
 
 def make_backend(device: torch.device) -> Backend:

@@ -109,7 +109,7 @@ def test_real_cuda_oom_becomes_out_of_memory() -> None:
 
 
 def test_copies_leave_the_callers_current_stream_as_it_was(cuda_vmu: VMU) -> None:
-    """Paging switches to a copy stream around each copy and back, whatever stream the caller had current."""
+    """Paging enqueues its copies on its own streams, whatever stream the caller has current, and leaves it."""
     a = cuda_vmu.alloc_arena("s", 4 * MiB)
     a.bytes(4 * MiB).fill_(7)
     a.mark_used(4 * MiB)
@@ -138,3 +138,57 @@ def test_copy_events_are_reused_and_still_order_and_time_the_copies(cuda_vmu: VM
     assert int(a.bytes(1).item()) == 7
     pools = (cuda_vmu._d2h._events, cuda_vmu._h2d._events)
     assert all(0 < len(pool) <= 8 for pool in pools)  # the same few events, recorded again and again
+
+
+def test_page_in_home_zeroes_the_bytes_past_used(cuda_vmu: VMU) -> None:
+    a = cuda_vmu.alloc_arena("s", 4 * MiB)
+    a.bytes(4 * MiB).fill_(9)
+    a.mark_used(MiB)
+    cuda_vmu.finish(cuda_vmu.page_out(a))
+    cuda_vmu.finish(cuda_vmu.page_in(a))  # back to its range: the copy, then a memset of the rest
+    assert a.generation == 0
+    assert int(a.bytes(MiB).sum(dtype=torch.int64)) == 9 * MiB
+    assert int(a.bytes(3 * MiB, MiB).count_nonzero()) == 0
+
+
+def test_copies_from_a_thread_that_never_used_cuda(cuda_vmu: VMU) -> None:
+    """The driver calls find no current context on such a thread: they run in the device's primary context,
+    pushed for each call."""
+    import ctypes
+    import threading
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    a = cuda_vmu.alloc_arena("s", 2 * MiB)
+    a.bytes(2 * MiB).fill_(3)
+    a.mark_used(2 * MiB)
+    for _ in range(3):  # leaves the arena untouched by compute and the streams with spare events, so the
+        cuda_vmu.finish(cuda_vmu.page_out(a))  # thread's first CUDA calls are the driver's, not torch's
+        cuda_vmu.finish(cuda_vmu.page_in(a))
+    assert cuda_vmu._d2h._events and cuda_vmu._h2d._events and not a._touched
+    seen: dict[str, object] = {}
+
+    def page() -> None:
+        ctx = ctypes.c_void_p()
+        libcuda.cuCtxGetCurrent(ctypes.byref(ctx))
+        seen["context"] = ctx.value
+        try:
+            cuda_vmu.page_out(a).wait()
+            cuda_vmu.page_in(a).wait()
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            seen["error"] = e
+
+    t = threading.Thread(target=page)
+    t.start()
+    t.join()
+    assert seen["context"] is None and "error" not in seen, seen
+    cuda_vmu.poll()
+    assert a.residency == "device" and int(a.bytes(2 * MiB).sum(dtype=torch.int64)) == 3 * 2 * MiB
+
+
+def test_a_failed_driver_call_is_a_driver_error_naming_the_cuda_error(cuda_vmu: VMU) -> None:
+    from djinn.drivers.errors import DriverError
+
+    s = cuda_vmu._d2h
+    with pytest.raises(DriverError, match="cuMemcpyAsync failed: CUDA_ERROR_INVALID_VALUE"):
+        s._driver.memcpy(0, 0, 4096, s._handle)  # address 0 is no memory
+    cuda_vmu.finish(cuda_vmu.page_out(cuda_vmu.alloc_arena("t", MiB)))  # and the streams still work
