@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+import torch
+
 from .errors import EBUSY, ECANCELED, EINVAL, ENOMEM
 from .tensors import EncodedReply, encode_reply
 
@@ -157,9 +159,32 @@ def _result(r: Any) -> dict[str, Any]:
     """A model step's result as the reply's map, its tensors in host memory."""
     out: dict[str, Any] = {"position": int(r.position), "paused_at": r.paused_at}
     if r.logits is not None:
-        out["logits"] = r.logits.cpu()
+        out["logits"] = r.logits
     if r.topk_ids is not None:
-        out["topk"] = {"ids": r.topk_ids.cpu(), "logits": r.topk_logits.cpu()}
+        out["topk"] = {"ids": r.topk_ids, "logits": r.topk_logits}
     if r.activation is not None:
-        out["activation"] = r.activation.cpu()
+        out["activation"] = r.activation
+    if r.logits is not None or r.topk_ids is not None or r.activation is not None:
+        _to_host(out)
     return out
+
+
+def _to_host(out: dict[str, Any]) -> None:
+    """Replace the device tensors in `out` (and its "topk" map) by host copies, in place.
+
+    On CUDA each goes into page-locked memory from torch's caching host allocator, with one
+    wait for all of them, rather than through `.cpu()`: a copy into pageable memory is staged
+    through the driver's own buffers and waits on its own, once per tensor. A CPU tensor stays
+    as it is (a step's tensors are fresh copies)."""
+    stream = None
+    for m in (out, out.get("topk")):
+        if m is None:
+            continue
+        for key, t in m.items():
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                m[key] = host
+                stream = torch.cuda.current_stream(t.device)
+    if stream is not None:
+        stream.synchronize()
