@@ -8,9 +8,10 @@ Rules:
     the calling thread on that fence only, never on the whole device. Once a fence
     has been seen done it remembers it (`done`), so asking again, or making a stream
     wait on it, costs no call into the device.
-  - A copy stream's timing events are reused: a fence hands its event back to the
-    stream's pool when the last reference to the fence goes, so a copy records two
-    events it already has instead of creating (and later destroying) two.
+  - Events are reused: a fence hands its event back to its pool (a copy stream's
+    timing events, or the backend's compute-fence events) when the last reference to
+    the fence goes, so a copy records events it already has instead of creating (and
+    later destroying) them.
   - On CUDA a copy stream calls the CUDA driver itself (cuda_driver.py): copies between
     segment addresses, zeroing, event records and waits. torch still makes and owns the
     streams, events and memory.
@@ -216,6 +217,7 @@ class Backend:
         self.is_cuda = device.type == "cuda"
         self._streams: list[Any] = []
         self._driver: CudaDriver | None = None  # made with the first CUDA copy stream
+        self._compute_events: list[Any] = []  # spare events for compute fences, as a copy stream keeps its own
 
     def copy_stream(self, name: str) -> CopyStream:
         if self.is_cuda:
@@ -231,16 +233,28 @@ class Backend:
         """A fence after the work queued so far on `stream` (default: the current stream)."""
         if not self.is_cuda:
             return DONE
-        event = torch.cuda.Event()
-        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
-        return _CudaFence(event)
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device)
+        events = self._compute_events
+        if events and self._driver is not None:
+            event = events.pop()  # recorded before: torch has created its CUDA event
+            self._driver.record(event.cuda_event, stream.cuda_stream)
+        else:
+            event = torch.cuda.Event()
+            event.record(stream)
+        return _CudaFence(event, events)
 
     def compute_wait(self, fence: Fence, stream: Any = None) -> None:
         """Order later compute on `stream` (default: current) after `fence`; see the module rules."""
         if fence.done or fence.query():
             return
         if self.is_cuda and isinstance(fence, _CudaFence):
-            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(fence.event)
+            if stream is None:
+                stream = torch.cuda.current_stream(self.device)
+            if self._driver is not None:
+                self._driver.wait(stream.cuda_stream, fence.event.cuda_event)
+            else:
+                stream.wait_event(fence.event)
         else:
             fence.wait()
 
