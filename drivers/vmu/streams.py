@@ -205,7 +205,7 @@ class _CudaStream:
         pass
 
 
-_EVENT_POOL_MAX = 256  # spare timing events kept per copy stream; more in flight at once are made and dropped
+_EVENT_POOL_MAX = 256  # spare events kept per pool; more in flight at once are made and dropped
 
 
 # ------------------------------------------------------------------ backend
