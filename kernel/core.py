@@ -115,17 +115,23 @@ class Kernel:
                          details={"argument": "max_tokens"})
         s = Session(id=new_id("s"), uid=call.uid, pid=call.pid, conn_id=call.peer.id,
                     model=loaded.name if loaded else None, max_tokens=max_tokens)
-        if loaded is not None:
-            nbytes = loaded.model.arena_nbytes(max_tokens)
-            await self.memory.alloc_arena(s, nbytes)
-            try:
-                s.seq = await self.worker.run(loaded.model.new_state, s.arena, max_tokens)
-            except BaseException:
-                await self.memory.free_arena(s)
-                raise
-            loaded.sessions += 1
-        elif not bare:
-            await self.memory.alloc_arena(s, arena_nbytes or self.config.vmu_session_arena_mb << 20)
+        streams = self.memory.streams
+        s.stream = streams.acquire()
+        try:
+            if loaded is not None:
+                nbytes = loaded.model.arena_nbytes(max_tokens)
+                await self.memory.alloc_arena(s, nbytes)
+                try:
+                    s.seq = await self.on_stream(s, loaded.model.new_state, s.arena, max_tokens)
+                except BaseException:
+                    await self.memory.free_arena(s)
+                    raise
+                loaded.sessions += 1
+            elif not bare:
+                await self.memory.alloc_arena(s, arena_nbytes or self.config.vmu_session_arena_mb << 20)
+        except BaseException:
+            streams.release(s.stream)
+            raise
         self.sessions.add(s)
         return s
 
@@ -139,12 +145,13 @@ class Kernel:
         if handle is not None:
             handle.cancel()
         if s.seq is not None:
-            await self.worker.run(s.seq.release)  # drops the state's CUDA graphs and views
+            await self.on_stream(s, s.seq.release)  # drops the state's CUDA graphs and views
             s.seq = None
         await self.memory.free_session(s)
         if s.model is not None:
             self.models.release(s.model)
         s.move("CLOSED")
+        self.memory.streams.release(s.stream)
         self.sessions.remove(s.id)
         self.memory.policy.forget(s.id)
 
@@ -194,13 +201,18 @@ class Kernel:
                 return fn(*args)
 
         try:
-            return await self.worker.run(in_stack_scope)
+            return await self.worker.run(self.memory.streams.call_on, s.stream, in_stack_scope)
         finally:
             s.busy -= 1
             s.touch()
             if s.state == "RUNNING":
                 s.paused_at = getattr(s.seq, "paused_at", None) if s.seq is not None else None
                 s.move(rest_state(s))
+
+    async def on_stream(self, s: Session, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) on the worker with session `s`'s compute stream current: work on its tensors that
+        is not a model call (its state's creation and release, checkpoint and restore bookkeeping)."""
+        return await self.worker.run(self.memory.streams.call_on, s.stream, fn, *args)
 
     def owned(self, obj_uid: int, call: Call, what: str) -> None:
         if call.uid not in (0, obj_uid):
@@ -223,5 +235,6 @@ class Kernel:
             "memory": self.memory.snapshot(),
             "connections": len(self.connections),
             "checkpoints": self.memory.checkpoint_snapshot(),
-            "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s},
+            "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s,
+                       **(self.memory.streams.snapshot() if self.memory.streams is not None else {})},
         }

@@ -127,7 +127,7 @@ class Execute:
                 yield item
         finally:
             # A generation stopped early (cancelled, client gone) leaves the state consistent.
-            await self.k.worker.run(steps.close)
+            await self.k.on_stream(s, steps.close)
 
     async def set_steering(self, s: Session, layer: int, op: str, value: Any) -> dict[str, Any]:
         model = self._model(s)

@@ -66,6 +66,7 @@ class Memory:
         cfg = kernel.config
         self.vmu: Any = None
         self.device: Any = None
+        self.streams: Any = None  # drivers.cuda StreamPool: acquire/release here, call_on on the worker
         settings: dict[str, Any] = {}
         if cfg.policy in ("reactive", "proactive"):
             settings["idle_timeout_s"] = cfg.idle_timeout_s
@@ -79,11 +80,12 @@ class Memory:
     # -- boot ---------------------------------------------------------------------
 
     async def start(self) -> str:
+        from djinn.drivers.cuda import StreamPool
         from djinn.drivers.vmu import VMU, resolve_device
 
         cfg = self.k.config
 
-        def boot() -> tuple[Any, Any, str]:
+        def boot() -> tuple[Any, Any, Any, str]:
             import os
 
             import torch
@@ -95,9 +97,9 @@ class Memory:
             device, name = resolve_device(cfg.device)
             vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
                                   host=cfg.vmu_host, session_arena=cfg.vmu_session_arena_mb << 20)
-            return device, vmu, name
+            return device, vmu, StreamPool(device, cfg.cuda_streams), name
 
-        self.device, self.vmu, name = await self.k.worker.run(boot)
+        self.device, self.vmu, self.streams, name = await self.k.worker.run(boot)
         return name
 
     # -- arenas -------------------------------------------------------------------
@@ -303,7 +305,7 @@ class Memory:
         def start() -> tuple[Any, Any]:
             return self.vmu.snapshot(s.arena), (seq.snapshot_meta() if seq is not None else None)
 
-        host, meta = await self.k.worker.run(start)
+        host, meta = await self.k.on_stream(s, start)
         ck = Checkpoint(id=new_id("c"), uid=s.uid, session=s.id, model=s.model, max_tokens=s.max_tokens,
                         host=host, meta=meta, nbytes=int(host.nbytes))
         self.checkpoints[ck.id] = ck
@@ -340,7 +342,7 @@ class Memory:
             if seq is not None:
                 seq.restore_meta(ck.meta)
 
-        await self.k.worker.run(put_back)
+        await self.k.on_stream(s, put_back)
         s.paused_at = getattr(seq, "paused_at", None)
         s.move(rest_state(s))
         return {"restored": ck.id, "position": s.tokens, "paused_at": s.paused_at}

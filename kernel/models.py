@@ -56,7 +56,15 @@ class ModelRegistry:
                              "or choose another name")
             return existing
         mem = self.k.memory
-        model = await self.k.worker.run(lambda: load_model(spec, device=mem.device, dtype=dtype, vmu=mem.vmu))
+        def load() -> Any:
+            import torch
+
+            model = load_model(spec, device=mem.device, dtype=dtype, vmu=mem.vmu)
+            if mem.device.type == "cuda":  # the sessions' streams do not wait on this one by themselves
+                torch.cuda.current_stream(mem.device).synchronize()
+            return model
+
+        model = await self.k.worker.run(load)
         loaded = self._by_name[name] = Loaded(name=name, spec=spec, model=model)
         if self.default_name is None:
             self.default_name = name

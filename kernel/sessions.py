@@ -65,6 +65,7 @@ class Session:
     disconnected_s: float | None = None
     arena: Any = None  # drivers.vmu Arena; touched only on the worker
     seq: Any = None  # drivers.model SeqState; touched only on the worker
+    stream: int | None = None  # its compute stream in the device's StreamPool (None on CPU)
     checkpoints: set[str] = field(default_factory=set)
     busy: int = 0  # requests of this session running now
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
