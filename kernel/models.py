@@ -56,6 +56,7 @@ class ModelRegistry:
                              "or choose another name")
             return existing
         mem = self.k.memory
+
         def load() -> Any:
             import torch
 
