@@ -156,11 +156,11 @@ class LoadedModel:
         ids = check_ids(input_ids, self.vocab_size)
         out = check_outputs(return_logits, return_activation, self.vocab_size)
         pause = check_pause(pause_at, self.n_layers)
-        all_ids = state.unfed_ids + ids
+        all_ids = _after_unfed(state, ids)
         self._check_room(state, len(all_ids))
         with torch.inference_mode():
             if len(all_ids) == 1 and pause is None and out.activation == "none" and self.decode_mode != "dynamic":
-                return self._static_step(state, all_ids[0], out)
+                return self._static_step(state, int(all_ids[0]), out)
             return run_forward(self.arch, state, all_ids, pause, out)
 
     def resume(
@@ -196,9 +196,9 @@ class LoadedModel:
         # Rows used: the prefill, then n-1 decode steps; the last token yielded stays unfed.
         self._check_room(state, len(state.unfed_ids) + len(ids) + n - 1)
         gen = make_generator(self.device, seed) if temp > 0.0 else None
-        return Generation(state, self._generate(state, state.unfed_ids + ids, n, temp, top_p, gen, stops))
+        return Generation(state, self._generate(state, _after_unfed(state, ids), n, temp, top_p, gen, stops))
 
-    def _generate(self, state: SeqState, ids: list[int], n: int, temp: float, top_p: float,
+    def _generate(self, state: SeqState, ids: list[int] | torch.Tensor, n: int, temp: float, top_p: float,
                   gen: torch.Generator | None, stops: frozenset[int]) -> Iterator[int]:
         with torch.inference_mode():
             logits = run_forward(self.arch, state, ids, None, Outputs()).logits
@@ -285,3 +285,10 @@ class LoadedModel:
             raise BadArgument(
                 f"{n_new} more tokens after {state.position} would pass max_tokens={state.max_tokens}"
             )
+
+
+def _after_unfed(state: SeqState, ids: list[int] | torch.Tensor) -> list[int] | torch.Tensor:
+    """What a forward runs: the state's unfed tokens (rare: the last token a generate yielded), then `ids`."""
+    if not state.unfed_ids:
+        return ids
+    return state.unfed_ids + (ids.tolist() if isinstance(ids, torch.Tensor) else ids)

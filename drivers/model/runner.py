@@ -99,12 +99,17 @@ def _finish(arch: Arch, state: SeqState, hidden: torch.Tensor, pause_at: int | N
     return StepResult(logits, topk_ids, topk_logits, act, None, state.position, n)
 
 
-def run_forward(arch: Arch, state: SeqState, ids: list[int], pause_at: int | None, out: Outputs) -> StepResult:
-    """A forward over `ids` (already validated, unfed tokens included) from the state's position."""
+def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, pause_at: int | None,
+                out: Outputs) -> StepResult:
+    """A forward over `ids` (already validated, unfed tokens included; a list, or a 1-D int64 tensor)
+    from the state's position."""
     p, n = state.position, len(ids)
     device = state.device
     state.views(refresh=True)
-    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+    if isinstance(ids, torch.Tensor):
+        ids_t = ids.reshape(1, -1).to(device)
+    else:
+        ids_t = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
     hidden = arch.embed(ids_t, position_ids)
     last = arch.n_layers - 1 if pause_at is None else pause_at

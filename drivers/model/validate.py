@@ -23,8 +23,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> list[int]:
-    """Token ids as a list of ints: accepts a sequence of ints or an integer tensor of shape [T] or [1, T]."""
+def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> list[int] | torch.Tensor:
+    """Token ids: a sequence of ints, or an integer tensor of shape [T] or [1, T].
+
+    A sequence comes back as a list of ints, a tensor as a 1-D int64 tensor on its own device: a
+    prompt that arrived as a tensor is not turned into Python ints and back (for 512 tokens that
+    costs more than the checks)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise BadArgument(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -32,7 +36,16 @@ def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> 
             input_ids = input_ids[0]
         if input_ids.dim() != 1:
             raise BadArgument(f"input_ids must have shape [T] or [1, T], got {list(input_ids.shape)}")
-        ids = input_ids.tolist()  # Python ints (an integer dtype was checked above)
+        ids_t = input_ids.to(torch.long)
+        if not ids_t.numel():
+            if not allow_empty:
+                raise BadArgument("input_ids is empty; give at least one token")
+            return ids_t
+        lo, hi = torch.aminmax(ids_t)
+        if int(lo) < 0 or int(hi) >= vocab_size:
+            bad = [t for t in ids_t.tolist() if not 0 <= t < vocab_size]
+            raise BadArgument(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        return ids_t
     elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
         if not all(_is_int(t) for t in input_ids):
             raise BadArgument("input_ids must be integers")
