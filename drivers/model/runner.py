@@ -52,12 +52,15 @@ class Outputs:
     activation: str = "none"
 
 
-def _span(arch: Arch, state: SeqState, hidden: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Run layers first..last (inclusive) for the in-flight tokens; K/V go to rows [position, +n)."""
+def _span(arch: Arch, state: SeqState, hidden: torch.Tensor, first: int, last: int,
+          position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run layers first..last (inclusive) for the in-flight tokens; K/V go to rows [position, +n).
+    `position_ids` ([1, n]: position .. position+n-1) when the caller has them already."""
     p, n = state.position, hidden.shape[1]
     device = hidden.device
     views = state.views()
-    position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
+    if position_ids is None:
+        position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
     masks = arch.masks(p, n, device, hidden.dtype)
     ctx = arch.context(hidden, position_ids)
     state.cache.bind(views.kv, p, n)
@@ -113,7 +116,7 @@ def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, paus
     position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
     hidden = arch.embed(ids_t, position_ids)
     last = arch.n_layers - 1 if pause_at is None else pause_at
-    hidden = _span(arch, state, hidden, 0, last)
+    hidden = _span(arch, state, hidden, 0, last, position_ids)
     result = _finish(arch, state, hidden, pause_at, out)
     state.unfed_ids = []  # they were the first tokens of `ids`
     return result
