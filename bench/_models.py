@@ -169,8 +169,8 @@ def hf_last_logits(hf: Any, ids_cpu: torch.Tensor, device: torch.device, *,
 
 
 class DeviceArena:
-    """A plain device buffer with the VMU Arena's contract (view / mark_used / generation / residency), so the
-    model driver can run in this process without a VMU."""
+    """A plain device buffer with the VMU Arena's contract (view / touch / mark_used / generation / residency), so
+    the model driver can run in this process without a VMU."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
         self.nbytes, self.used_nbytes, self.generation, self.residency = nbytes, 0, 0, "device"
@@ -181,6 +181,9 @@ class DeviceArena:
         for d in shape:
             n *= d
         return self.data.narrow(0, offset, n * dtype.itemsize).view(dtype).view(tuple(shape))
+
+    def touch(self) -> None:
+        """Nothing to order: no copy ever runs into this buffer."""
 
     def mark_used(self, end_offset: int) -> None:
         self.used_nbytes = max(self.used_nbytes, end_offset)

@@ -48,7 +48,7 @@ class ConnectionKernel:
 
 
 class FakeArena:
-    """Stand-in for drivers.vmu.Arena (same attributes and view()/mark_used() contract)."""
+    """Stand-in for drivers.vmu.Arena (same attributes and view()/touch()/mark_used() contract)."""
 
     def __init__(self, nbytes: int, device: str | torch.device = "cpu", session: object = "s-test") -> None:
         self.session = session
@@ -59,6 +59,7 @@ class FakeArena:
         self.device = torch.device(device)
         self.data = torch.full((nbytes,), GARBAGE, dtype=torch.uint8, device=self.device)
         self._host: torch.Tensor | None = None
+        self.touches = 0  # touch() calls: driver calls that kept their views
 
     def view(self, dtype: torch.dtype, shape: Sequence[int] | int, offset: int = 0) -> torch.Tensor:
         if self.residency != "device":
@@ -68,6 +69,11 @@ class FakeArena:
         if offset < 0 or offset % dtype.itemsize or offset + nbytes > self.nbytes:
             raise ValueError(f"view [{offset}, {offset + nbytes}) outside an arena of {self.nbytes} bytes")
         return self.data.narrow(0, offset, nbytes).view(dtype).view(shape)
+
+    def touch(self) -> None:
+        if self.residency != "device":
+            raise RuntimeError("touch() of a swapped arena")
+        self.touches += 1
 
     def mark_used(self, end_offset: int) -> None:
         assert 0 <= end_offset <= self.nbytes, end_offset

@@ -60,22 +60,26 @@ class SeqState:
 
     # -- arena ------------------------------------------------------------------------------------
     def views(self, refresh: bool = False) -> ArenaViews:
-        """Typed views of the arena. `refresh=True` (once at the start of every driver call) takes them
-        again through `arena.view()`, which lets the VMU order this compute after an in-flight copy and
-        note the stream in use; a generation change also drops captured graphs. Raises Busy when the
-        arena is paged out, NotFound when it was freed."""
+        """Typed views of the arena. `refresh=True` (once at the start of every driver call) tells the
+        arena that compute is about to use it (`arena.touch()`: the VMU orders this compute after an
+        in-flight copy and notes the stream in use); the views are taken again only when the arena's
+        generation changed (it moved), which also drops captured graphs. Raises Busy when the arena is
+        paged out, NotFound when it was freed."""
         residency = getattr(self.arena, "residency", "device")
         if residency == "none":
             raise NotFound("the session arena was freed")
         if residency != "device":
             raise Busy(f"the session arena is paged out (residency {residency!r}); page it in first")
         gen = int(self.arena.generation)
-        if refresh or self._views is None or self._views.generation != gen:
-            moved = self._views is None or self._views.generation != gen
-            self._views = self.layout.take_views(self.arena, self.max_tokens)
-            if moved and self.static is not None:
-                self.static.invalidate()
-        return self._views
+        views = self._views
+        if views is not None and views.generation == gen:
+            if refresh:
+                self.arena.touch()
+            return views
+        self._views = views = self.layout.take_views(self.arena, self.max_tokens)  # views touch the arena
+        if self.static is not None:
+            self.static.invalidate()
+        return views
 
     def mark_written(self, n_tokens: int) -> None:
         """Tell the arena that rows [0, n_tokens) hold data."""

@@ -68,6 +68,19 @@ class Arena:
                 f"arena of session {self.session!r}: a {dtype} view of shape {list(shape)} at offset {offset} "
                 f"needs bytes [{offset}, {offset + nbytes}) aligned to {itemsize}; the arena has {self.nbytes} bytes"
             )
+        self._used_by_compute()
+        assert self.offset is not None
+        start = self.offset + offset
+        return self._vmu.data.tensor[start : start + nbytes].view(dtype).view(shape)  # a slice: see Segment.bytes_at
+
+    def touch(self) -> None:
+        """What view() does besides making a view, for a caller that keeps views taken at this `generation`:
+        compute about to use the arena on the current stream is ordered after a page-in still in flight,
+        and the stream is noted for the next page-out. Raises Busy if swapped out, NotFound if freed."""
+        self._require_resident("use")
+        self._used_by_compute()
+
+    def _used_by_compute(self) -> None:
         vmu = self._vmu
         if vmu.is_cuda:
             self._stream = torch.cuda.current_stream(vmu.device)
@@ -75,9 +88,6 @@ class Arena:
             vmu.backend.compute_wait(self._in_fence, self._stream)
             self._in_fence = None
         self._touched = True
-        assert self.offset is not None
-        start = self.offset + offset
-        return vmu.data.tensor[start : start + nbytes].view(dtype).view(shape)  # a slice: see Segment.bytes_at
 
     def bytes(self, nbytes: int | None = None, offset: int = 0) -> torch.Tensor:
         """uint8 view of [offset, offset + nbytes) (default: up to the end of the arena)."""

@@ -78,6 +78,20 @@ def test_views_are_retaken_after_the_arena_moves(tiny):
     assert list(model.generate(moved, [4], 6)) == list(model.generate(still, [4], 6))
 
 
+def test_views_are_kept_while_the_arena_stays_put(tiny):
+    """A driver call on an arena that did not move keeps its views and only touches the arena
+    (which orders the call after a copy into it); a move makes new ones."""
+    model = tiny("gpt2")
+    state = new_state(model)
+    model.forward(state, PROMPT)
+    views, touches = state.views(), state.arena.touches
+    model.forward(state, [9])
+    assert state.views() is views and state.arena.touches == touches + 1
+    state.arena.move()
+    model.forward(state, [10])
+    assert state.views() is not views and state.views().generation == state.arena.generation
+
+
 def test_paged_out_arena_is_never_addressed(tiny):
     model = tiny("gpt2")
     state, ref = new_state(model), new_state(model)

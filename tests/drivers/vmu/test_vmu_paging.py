@@ -385,3 +385,25 @@ class PagingMachine(RuleBasedStateMachine):
 
 PagingMachine.TestCase.settings = settings(max_examples=75, stateful_step_count=40, deadline=None)
 TestPagingMachine = PagingMachine.TestCase
+
+
+def test_touch_orders_compute_after_a_page_in_in_flight() -> None:
+    """touch() is view() without the view: a caller that keeps its views still waits for the copy into them."""
+    with make_vmu(data=4 * MiB, host=4 * MiB) as vmu:
+        gate = Gate()
+        a = vmu.alloc_arena("a", 1 * MiB)
+        pattern = fill(a, 500_000, seed=4)
+        vmu.finish(vmu.page_out(a))
+        vmu._h2d.wait(gate)
+        inn = vmu.page_in(a)
+        assert a._in_fence is not None and not inn.query()
+        threading.Timer(0.05, gate.open).start()
+        a.touch()  # on CPU, compute is this thread: it blocks until the page-in is done
+        assert inn.query() and a._in_fence is None and a._touched
+        assert torch.equal(a.bytes(500_000), pattern)
+        vmu.finish(vmu.page_out(a))
+        with pytest.raises(Busy, match="swapped out"):
+            a.touch()
+        vmu.free_arena(a)
+        with pytest.raises(NotFound, match="freed"):
+            a.touch()
