@@ -177,7 +177,8 @@ class VMU(PagingMixin):
 
     def grow_arena(self, arena: Arena, nbytes: int, *, stream: Any = None) -> Arena:
         """Grow the arena to `nbytes`, preserving [0, used_nbytes). In place when the next range is free;
-        else moved (the copy runs on the compute stream; `generation` is bumped). A swapped arena only
+        else moved (the copy runs on the compute stream, and the next view or touch() orders compute on any
+        stream after it; `generation` is bumped). A swapped arena only
         has its reservation raised. BadArgument if `nbytes` is smaller; OutOfMemory if no room.
         While a move copies, stat() counts both ranges as used."""
         self._require_live(arena)
@@ -212,7 +213,8 @@ class VMU(PagingMixin):
             arena.offset = new_offset
             arena.nbytes = self.data.allocator.size_of(new_offset)
             arena.generation += 1
-            arena._fence, arena._in_fence, arena._touched = moved, None, True
+            # Compute on the moved arena waits for the copy, whichever stream it runs on (a view or touch()).
+            arena._fence, arena._in_fence, arena._touched = moved, moved, True
         return arena
 
     # -------------------------------------------------------------- stack

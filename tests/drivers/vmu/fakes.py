@@ -27,6 +27,10 @@ class Gate:
         self._event = threading.Event()
         self._safety_s = safety_s
 
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
     def query(self) -> bool:
         return self._event.is_set()
 

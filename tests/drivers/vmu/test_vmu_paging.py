@@ -407,3 +407,20 @@ def test_touch_orders_compute_after_a_page_in_in_flight() -> None:
         vmu.free_arena(a)
         with pytest.raises(NotFound, match="freed"):
             a.touch()
+
+
+def test_compute_after_a_move_waits_for_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A grow that moves the arena copies on the stream the arena was last used on; compute that comes next,
+    on whatever stream (a session's work and a kernel's bookkeeping may differ), waits for that copy."""
+    with make_vmu(data=4 * MiB, host=4 * MiB) as vmu:
+        a = vmu.alloc_arena("a", 64 * 1024)
+        vmu.alloc_arena("b", 64 * 1024)  # right after a: a cannot grow in place
+        pattern = fill(a, 10_000, seed=5)
+        gate = Gate()
+        monkeypatch.setattr(vmu.backend, "compute_fence", lambda stream=None: gate)  # the move's copy, in flight
+        vmu.grow_arena(a, 256 * 1024)
+        assert a.generation == 1 and a._in_fence is gate
+        threading.Timer(0.05, gate.open).start()
+        a.touch()  # on CPU, compute is this thread: it blocks until the move is done
+        assert gate.query() and a._in_fence is None
+        assert torch.equal(a.bytes(10_000), pattern)
