@@ -46,7 +46,6 @@ class Fence(Protocol):
 class Segment(Protocol):
     """What a copy stream needs of a VMU segment (segments.Segment)."""
 
-    tensor: torch.Tensor
     base_ptr: int
 
     def bytes_at(self, offset: int, nbytes: int) -> torch.Tensor: ...
@@ -216,16 +215,12 @@ class Backend:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self._streams: list[Any] = []
-        self._driver: CudaDriver | None = None  # made with the first CUDA copy stream
+        self._driver = CudaDriver(torch.cuda._utils._get_device_index(device, optional=True)) if self.is_cuda else None
         self._compute_events: list[Any] = []  # spare events for compute fences, as a copy stream keeps its own
 
     def copy_stream(self, name: str) -> CopyStream:
-        if self.is_cuda:
-            if self._driver is None:
-                self._driver = CudaDriver(self.device.index if self.device.index is not None else 0)
-            stream: Any = _CudaStream(self.device, self._driver)
-        else:
-            stream = _CpuStream(f"djinn-vmu-{name}")
+        stream: Any = (_CudaStream(self.device, self._driver) if self._driver is not None
+                       else _CpuStream(f"djinn-vmu-{name}"))
         self._streams.append(stream)
         return stream
 
@@ -236,7 +231,7 @@ class Backend:
         if stream is None:
             stream = torch.cuda.current_stream(self.device)
         events = self._compute_events
-        if events and self._driver is not None:
+        if events:
             event = events.pop()  # recorded before: torch has created its CUDA event
             self._driver.record(event.cuda_event, stream.cuda_stream)
         else:
@@ -251,10 +246,7 @@ class Backend:
         if self.is_cuda and isinstance(fence, _CudaFence):
             if stream is None:
                 stream = torch.cuda.current_stream(self.device)
-            if self._driver is not None:
-                self._driver.wait(stream.cuda_stream, fence.event.cuda_event)
-            else:
-                stream.wait_event(fence.event)
+            self._driver.wait(stream.cuda_stream, fence.event.cuda_event)
         else:
             fence.wait()
 
@@ -270,8 +262,7 @@ class Backend:
             stream.close()
         self._streams.clear()
         if self._driver is not None:
-            self._driver.close()
-            self._driver = None
+            self._driver.close()  # the VMU is unusable after its close
 
 
 def make_backend(device: torch.device) -> Backend:

@@ -49,7 +49,7 @@ def test_the_event_goes_back_to_its_pool_when_the_fence_goes() -> None:
     assert pool == []
     del other
     assert pool == [event]
-    _CudaFence(FakeEvent())  # no pool (a compute fence): nothing to give back
+    _CudaFence(FakeEvent())  # no pool given: nothing to give back
     assert pool == [event]
 
 
