@@ -158,33 +158,28 @@ class Execute:
 def _result(r: Any) -> dict[str, Any]:
     """A model step's result as the reply's map, its tensors in host memory."""
     out: dict[str, Any] = {"position": int(r.position), "paused_at": r.paused_at}
+    streams: list[Any] = []
     if r.logits is not None:
-        out["logits"] = r.logits
+        out["logits"] = _on_host(r.logits, streams)
     if r.topk_ids is not None:
-        out["topk"] = {"ids": r.topk_ids, "logits": r.topk_logits}
+        out["topk"] = {"ids": _on_host(r.topk_ids, streams), "logits": _on_host(r.topk_logits, streams)}
     if r.activation is not None:
-        out["activation"] = r.activation
-    if r.logits is not None or r.topk_ids is not None or r.activation is not None:
-        _to_host(out)
+        out["activation"] = _on_host(r.activation, streams)
+    for stream in streams:
+        stream.synchronize()
     return out
 
 
-def _to_host(out: dict[str, Any]) -> None:
-    """Replace the device tensors in `out` (and its "topk" map) by host copies, in place.
-
-    On CUDA each goes into page-locked memory from torch's caching host allocator, with one
-    wait for all of them, rather than through `.cpu()`: a copy into pageable memory is staged
-    through the driver's own buffers and waits on its own, once per tensor. A CPU tensor stays
-    as it is (a step's tensors are fresh copies)."""
-    stream = None
-    for m in (out, out.get("topk")):
-        if m is None:
-            continue
-        for key, t in m.items():
-            if isinstance(t, torch.Tensor) and t.is_cuda:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                m[key] = host
-                stream = torch.cuda.current_stream(t.device)
-    if stream is not None:
-        stream.synchronize()
+def _on_host(t: Any, streams: list[Any]) -> Any:
+    """`t` in host memory. A CPU tensor as it is (a step's tensors are fresh copies). A CUDA one is
+    copied into page-locked memory from torch's caching host allocator, and the stream that copy is
+    queued on is added to `streams`, for the caller to wait on once for all of a reply's tensors:
+    `.cpu()` would stage each copy through the driver's own buffers and wait for each."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    stream = torch.cuda.current_stream(t.device)
+    if stream not in streams:
+        streams.append(stream)
+    return host
