@@ -27,8 +27,8 @@ def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> 
     """Token ids: a sequence of ints, or an integer tensor of shape [T] or [1, T].
 
     A sequence comes back as a list of ints, a tensor as a 1-D int64 tensor on its own device: a
-    prompt that arrived as a tensor is not turned into Python ints and back (for 512 tokens that
-    costs more than the checks)."""
+    prompt that arrived as a tensor is checked as a tensor and is not turned into Python ints and
+    back, a per-token cost in Python."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise BadArgument(f"input_ids must be an integer tensor, got {input_ids.dtype}")
