@@ -42,13 +42,14 @@ class Execute:
             raise EINVAL(f"session {s.id} has no model; open it with open_session(model=...)")
         return self.k.models.get(s.model).model
 
-    def _ids(self, model: Any, input_ids: Any) -> Any:
+    def _ids(self, model: Any, s: Session, input_ids: Any) -> Any:
         """The token ids of one sequence: a list of ints or a 1-D integer tensor (the schema checked the
-        kinds), as the driver's check_ids takes them; no conversion here, since it makes its own."""
+        kinds), as the driver's check_ids takes them; no conversion here, since it makes its own. Text
+        gets the tokenizer's BOS only at the session's start: text sent later continues the context."""
         if isinstance(input_ids, str):
             if model.tokenizer is None:
                 raise EINVAL("input_ids: this model has no tokenizer; send token ids", details={"argument": "input_ids"})
-            return model.tokenizer.encode(input_ids)
+            return model.tokenizer.encode(input_ids, add_bos=s.tokens == 0)
         if not isinstance(input_ids, list) and input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
                 raise EINVAL(f"input_ids: a session holds one sequence; got a batch of {input_ids.shape[0]}",
@@ -67,6 +68,7 @@ class Execute:
         Runs on the worker, since a cold plan is a run on the meta device.
         """
         budget = self.k.memory.vmu.stack_budget_nbytes
+        stack = self.k.memory.vmu.stack
         past = s.tokens
 
         def admitted() -> Any:
@@ -75,6 +77,8 @@ class Execute:
                 raise ENOMEM(f"this request needs about {plan.peak_nbytes} bytes of activations, more than the "
                              f"Stack budget of {budget} bytes; send fewer tokens at a time",
                              details={"requested_nbytes": plan.peak_nbytes, "stack_nbytes": budget})
+            if not stack.measured and stack.active is not None:  # CPU: the plan's figure is the request's
+                stack.active.reserve(plan.peak_nbytes)
             return fn()
 
         return admitted
@@ -84,7 +88,7 @@ class Execute:
         model = self._model(s)
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
-        ids = self._ids(model, input_ids)
+        ids = self._ids(model, s, input_ids)
         self._check_pause(model, pause_at)
         fn = functools.partial(self._replied, reply_to, model.forward, s.seq, ids, pause_at=pause_at,
                                return_logits=return_logits, return_activation=return_activation)
@@ -109,7 +113,7 @@ class Execute:
         model = self._model(s)
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
-        ids = self._ids(model, input_ids)
+        ids = self._ids(model, s, input_ids)
         steps = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", functools.partial(
             model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_ids=tuple(stop))))

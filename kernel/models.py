@@ -2,6 +2,7 @@
 
 Rules: loading and unloading run on the device worker; the registry's own
 fields are the loop thread's. A model with sessions cannot be unloaded (EBUSY).
+A name holds one spec in one dtype: a load that asks for another gets EEXIST.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import EBUSY, EEXIST, ENOENT
+from .errors import EBUSY, EEXIST, EINVAL, ENOENT
 
 if TYPE_CHECKING:
     from .core import Kernel
@@ -49,11 +50,17 @@ class ModelRegistry:
         from djinn.drivers.model import load_model
 
         name = name or spec
+        wanted = self._dtype(dtype)
         existing = self._by_name.get(name)
         if existing is not None:
             if existing.spec != spec:
                 raise EEXIST(f"a model named {name!r} is already loaded from {existing.spec!r}; unload it first "
                              "or choose another name")
+            have = existing.model.dtype
+            if wanted is not None and wanted != have:
+                raise EEXIST(f"model {name!r} is already loaded as {str(have).removeprefix('torch.')}, not "
+                             f"{str(wanted).removeprefix('torch.')}; unload it first (unload_model) or load it "
+                             "under another name (name=...)", details={"argument": "dtype"})
             return existing
         mem = self.k.memory
 
@@ -70,6 +77,19 @@ class ModelRegistry:
         if self.default_name is None:
             self.default_name = name
         return loaded
+
+    def _dtype(self, dtype: str | None) -> Any:
+        """The torch dtype `dtype` names (any alias the driver takes), or None for no preference. EINVAL
+        if it names none, so a bad dtype is refused whether or not the model is loaded."""
+        if dtype is None:
+            return None
+        from djinn.drivers.errors import BadArgument
+        from djinn.drivers.model import resolve_dtype
+
+        try:
+            return resolve_dtype(dtype, self.k.memory.device)
+        except BadArgument as e:
+            raise EINVAL(str(e), details={"argument": "dtype"}) from None
 
     def resolve(self, name: str | None) -> Loaded | None:
         """The named model, or the default one for None (None when nothing is loaded). ENOENT if unknown."""

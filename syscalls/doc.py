@@ -33,7 +33,7 @@ def _arg_row(a) -> str:  # type: ignore[no-untyped-def]
     if a.choices:
         constraints.append("one of " + ", ".join(f"`{c}`" for c in a.choices))
     if a.min is not None:
-        constraints.append(f">= {a.min:g}")
+        constraints.append(f"{'>' if a.min_exclusive else '>='} {a.min:g}")
     if a.max is not None:
         constraints.append(f"<= {a.max:g}")
     if a.nullable:

@@ -78,6 +78,7 @@ class Arg:
     default: Any = None
     min: float | None = None
     max: float | None = None
+    min_exclusive: bool = False  # `min` itself is refused: the value must be > min
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     doc: str = ""
@@ -113,8 +114,9 @@ def validate(call: str, spec: tuple[Arg, ...], args: Any) -> dict[str, Any]:
         if a.choices is not None and v not in a.choices:
             raise EINVAL(f"{call}: argument {a.name!r} must be one of {', '.join(map(repr, a.choices))}, got {v!r}",
                          details={"argument": a.name})
-        if a.min is not None and _number(v) and v < a.min:
-            raise EINVAL(f"{call}: argument {a.name!r} must be >= {a.min}, got {v}", details={"argument": a.name})
+        if a.min is not None and _number(v) and (v <= a.min if a.min_exclusive else v < a.min):
+            raise EINVAL(f"{call}: argument {a.name!r} must be {'>' if a.min_exclusive else '>='} {a.min}, got {v}",
+                         details={"argument": a.name})
         if a.max is not None and _number(v) and v > a.max:
             raise EINVAL(f"{call}: argument {a.name!r} must be <= {a.max}, got {v}", details={"argument": a.name})
         out[a.name] = v

@@ -4,6 +4,9 @@ Rules:
 - Specs: "demo" (seeded, embedded), "dummy:gpt2" | "dummy:llama-1b" | "dummy:llama-8b" (random
   weights made on the device), or a local Hugging Face directory with config.json and *.safetensors
   (GPT-2, Llama, Mistral, Qwen2, Qwen3). Nothing is ever downloaded.
+- A spec that names nothing (no built-in, no such directory) and a directory that is not a whole
+  checkpoint of its config (a tensor missing or of the wrong shape, an unreadable .safetensors file)
+  are bad arguments: nothing is loaded, and no weight is ever left at its random init.
 - dtype: float32 by default on the CPU. On CUDA by default the checkpoint's own half precision (bf16 or
   fp16); an fp32 or unspecified checkpoint, and the built-in models, get bf16 (fp16 where the GPU lacks
   bf16). Any of float32 / bfloat16 / float16 may be asked for explicitly.
@@ -22,10 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from ..errors import BadArgument, NotFound
+from ..errors import BadArgument
 from .arch import SUPPORTED_MODEL_TYPES
 from .model import LoadedModel
 from .plans import register_meta_attention
@@ -96,7 +100,7 @@ def _model_dir(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         known = ", ".join(PRESETS)
-        raise NotFound(
+        raise BadArgument(
             f"no model {spec!r}: not a built-in ({known}) and no such local directory; nothing is downloaded"
         )
     if not path.is_dir() or not (path / "config.json").is_file():
@@ -114,6 +118,48 @@ def _checkpoint_dtype(path: Path, cfg: PretrainedConfig) -> Any:
         raw = json.loads((path / "config.json").read_text())
         got = raw.get("dtype", raw.get("torch_dtype"))
     return got
+
+
+def _from_checkpoint(spec: str, path: Path, dtype: torch.dtype, attn: str) -> nn.Module:
+    """The checkpoint in `path` as an HF model on the host. Raises BadArgument when a file cannot be read
+    or the files do not hold every tensor the config needs at its shape: transformers would only log
+    that and leave those weights at their random init. Tied weights (lm_head) are not missing."""
+    try:
+        hf, info = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype, attn_implementation=attn,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # reported in info, refused below
+        )
+    except SafetensorError as e:
+        raise BadArgument(f"{spec!r}: unreadable weights ({_unreadable(path)}): {e}") from None
+    except OSError as e:
+        raise BadArgument(f"{spec!r}: cannot load the checkpoint: {e}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0]) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        n_model = len(hf.state_dict())
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of the {n_model} tensors a {hf.config.model_type!r} model of this "
+                            f"config needs are missing (e.g. {', '.join(missing[:3])})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} have the wrong shape (e.g. {', '.join(mismatched[:3])})")
+        raise BadArgument(f"{spec!r} is not a checkpoint of its config.json: {'; '.join(problems)}; "
+                          "point load_model at a complete Hugging Face model directory")
+    return hf
+
+
+def _unreadable(path: Path) -> str:
+    """The .safetensors files in `path` whose header cannot be read, by name (all of them if none fails
+    on its own: the error came from reading a tensor)."""
+    files = sorted(path.glob("*.safetensors"))
+    bad = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            bad.append(f.name)
+    return ", ".join(bad or [f.name for f in files])
 
 
 def _meta_factory(cfg: PretrainedConfig, dtype: torch.dtype, attn: str) -> Callable[[], nn.Module]:
@@ -141,8 +187,8 @@ def load_model(
     """Load `spec` onto `device` (see the module rules). Weights go into one range from `text_alloc`,
     else from `vmu`'s Text segment, else a plain device tensor.
 
-    Raises NotFound (unknown spec or missing directory), BadArgument (not a model directory, unsupported
-    family, bad dtype/device/attention), OutOfMemory (from the text allocator).
+    Raises BadArgument (unknown spec, missing or not-a-model directory, incomplete or unreadable
+    checkpoint, unsupported family, bad dtype/device/attention), OutOfMemory (from the text allocator).
     """
     if not isinstance(spec, str) or not spec:
         raise BadArgument(f"model spec must be a non-empty string, got {spec!r}")
@@ -151,7 +197,7 @@ def load_model(
     dev = resolve_device(device)
     preset = preset_for(spec)
     if preset is None and spec.startswith("dummy:"):
-        raise NotFound(f"no built-in model {spec!r}; built-ins: {', '.join(PRESETS)}")
+        raise BadArgument(f"no built-in model {spec!r}; built-ins: {', '.join(PRESETS)}")
     tokenizer: Tokenizer | None
     path: Path | None = None
     if preset is not None:
@@ -184,9 +230,7 @@ def load_model(
         text = pack_into_text(hf, alloc, dt, fill=random_fill(dev))
     else:
         assert path is not None
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=dt, attn_implementation=attn_implementation
-        )
+        hf = _from_checkpoint(spec, path, dt, attn_implementation)
         text = pack_into_text(hf, alloc, dt)
     hf.eval()
     if dev.type == "cuda":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from djinn.drivers.errors import BadArgument, NotFound
@@ -122,9 +124,9 @@ def test_fp16_checkpoint_loads(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(NotFound):
+    with pytest.raises(BadArgument, match="no such local directory"):
         load_model("no-such-model")
-    with pytest.raises(NotFound):
+    with pytest.raises(BadArgument, match="built-ins"):
         load_model("dummy:llama-70b")
     with pytest.raises(BadArgument):
         load_model("")
@@ -153,3 +155,53 @@ def test_load_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BadArgument, match="CUDA"):
             load_model("demo", device="cuda")
+
+
+def _with_weights(tmp_path, tiny_dirs, name: str, weights: dict[str, torch.Tensor] | bytes):
+    """A copy of the tiny GPT-2 directory whose model.safetensors holds `weights` (tensors, or raw bytes)."""
+    d = tmp_path / name
+    shutil.copytree(tiny_dirs["gpt2"], d)
+    if isinstance(weights, bytes):
+        (d / "model.safetensors").write_bytes(weights)
+    else:
+        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return str(d)
+
+
+def test_incomplete_checkpoint_is_refused_not_randomly_filled(tmp_path, tiny_dirs):
+    full = load_file(str(tiny_dirs["gpt2"] / "model.safetensors"))
+    alloc = FakeTextAllocator()
+    with pytest.raises(BadArgument, match=r"(\d+) of the \1 tensors .* missing"):
+        load_model(_with_weights(tmp_path, tiny_dirs, "none", {"unrelated": torch.zeros(2)}), text_alloc=alloc)
+    some = {k: v for k, v in full.items() if k != "transformer.ln_f.weight"}
+    with pytest.raises(BadArgument, match=r"1 of the .* missing .*ln_f\.weight"):
+        load_model(_with_weights(tmp_path, tiny_dirs, "some", some), text_alloc=alloc)
+    bad_shape = dict(full, **{"transformer.ln_f.bias": torch.zeros(3)})
+    with pytest.raises(BadArgument, match=r"wrong shape .*ln_f\.bias"):
+        load_model(_with_weights(tmp_path, tiny_dirs, "shape", bad_shape), text_alloc=alloc)
+    assert alloc.ranges == []  # refused before any Text was taken
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08" + bytes(7) + b"not json" + bytes(64), bytes(1000)],
+                         ids=["empty", "bad-header", "zeros"])
+def test_unreadable_safetensors_is_bad_argument_naming_the_file(tmp_path, tiny_dirs, content):
+    with pytest.raises(BadArgument, match="model.safetensors"):
+        load_model(_with_weights(tmp_path, tiny_dirs, "bad", content))
+
+
+def test_other_weight_file_names_are_bad_argument(tmp_path, tiny_dirs):
+    d = tmp_path / "renamed"
+    shutil.copytree(tiny_dirs["gpt2"], d)
+    (d / "model.safetensors").rename(d / "weights.safetensors")
+    with pytest.raises(BadArgument, match="model.safetensors"):
+        load_model(str(d))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tied_lm_head_is_not_missing(tmp_path, kind):
+    path = save_tiny(kind, tmp_path / kind, tie_word_embeddings=True)
+    assert not any("lm_head" in k for k in load_file(str(path / "model.safetensors")))
+    model = load_model(str(path))
+    hf = model.arch.hf
+    assert hf.lm_head.weight is hf.get_input_embeddings().weight
+    assert model.forward(new_state(model), [1, 2]).logits.isfinite().all()
