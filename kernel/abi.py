@@ -33,8 +33,8 @@ ERRNO: dict[str, tuple[int, str]] = {
     "E2BIG": (7, "a frame, tensor, or argument exceeds a limit"),
     "ENOSYS": (38, "no such syscall"),
     "EPROTO": (71, "the peer broke the wire protocol"),
-    "ECANCELED": (125, "the request was cancelled (peer gone or daemon shutting down)"),
-    "ESHUTDOWN": (108, "the daemon is shutting down and accepts no new work"),
+    "ECANCELED": (125, "the request was cancelled (its client went away)"),
+    "ESHUTDOWN": (108, "the daemon is shutting down: no new work, and work in flight past the shutdown timeout fails"),
     "EACCES": (13, "authentication failed or is missing"),
 }
 

@@ -109,13 +109,22 @@ class Setting:
     parse: Callable[[Any], Any]
     default: Any
     help: str
+    shown_default: str | None = None  # what --help says the default is, where `default` would mislead
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("socket", _opt_str, None, "Unix socket path (default: see `default_socket_path`; $DJINN_SOCKET)"),
-    Setting("tcp", _opt_str, None, "also listen on TCP HOST:PORT (loopback recommended); requires tcp_token"),
-    Setting("tcp_token", _opt_str, None, "shared secret TCP clients send in hello; sessions they open belong to tcp_token_uid"),
-    Setting("tcp_token_uid", int, os.geteuid(), "uid that owns sessions opened over TCP with the token"),
+    Setting("socket", _opt_str, None, "Unix socket path. Unset: $RUNTIME_DIRECTORY/djinnd.sock when systemd sets "
+            "RUNTIME_DIRECTORY (its first entry if several); else /run/djinn/djinnd.sock for root; else "
+            "$XDG_RUNTIME_DIR/djinn/djinnd.sock, or /tmp/djinn-<uid>/djinnd.sock when XDG_RUNTIME_DIR is unset. "
+            "Clients use $DJINN_SOCKET, else the same rule without the RUNTIME_DIRECTORY step, and a non-root "
+            "client whose per-user socket does not exist uses /run/djinn/djinnd.sock when that one exists",
+            "auto (see above)"),
+    Setting("tcp", _opt_str, None, "also listen on TCP: HOST:PORT binds HOST as given (0.0.0.0: every interface), "
+            ":PORT binds 127.0.0.1 (loopback, recommended); requires tcp_token. Off unless set", "off"),
+    Setting("tcp_token", _opt_str, None, "shared secret TCP clients send in hello; sessions they open belong to tcp_token_uid",
+            "none"),
+    Setting("tcp_token_uid", int, os.geteuid(), "uid that owns sessions opened over TCP with the token",
+            "the daemon's uid"),
     Setting("model", str, "demo", "model to load at boot: demo, dummy:gpt2, dummy:llama-1b, dummy:llama-8b or a local HF directory"),
     Setting("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Setting("dtype", _opt_str, None, "model dtype (float32, bfloat16, float16); default fp32 on CPU, the checkpoint's half precision on CUDA"),
@@ -201,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH", help="TOML config file ($DJINN_CONFIG)")
     for s in SETTINGS:
         flag = "--" + s.name.replace("_", "-")
-        default = "auto" if s.default is None else s.default
-        if s.name == "tcp_token_uid":
-            default = "the daemon's uid"
+        default = s.shown_default or ("auto" if s.default is None else s.default)
         p.add_argument(flag, dest=s.name, default=None, metavar=s.name.upper(),
                        help=f"{s.help} [env DJINN_{s.name.upper()}; default {default}]")
     return p

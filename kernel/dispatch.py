@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from djinn.syscalls.schema import validate
 from djinn.syscalls.table import TABLE
 
-from .errors import EACCES, ECANCELED, EIO, ENOSYS, EPROTO, KernelError
+from .errors import EACCES, ECANCELED, EIO, ENOSYS, EPROTO, ESHUTDOWN, KernelError
 from .sessions import InvalidTransition
 
 if TYPE_CHECKING:
@@ -152,12 +152,21 @@ async def dispatch(kernel: Kernel, peer: Peer, row: Any, call: Call, args: dict[
     except asyncio.CancelledError:
         if not peer.closed:
             peer.cancelled(rid)  # a device call still running must not answer it as well
-            peer.reply_error(rid, ECANCELED(f"{name}: cancelled (the daemon is shutting down)"))
+            peer.reply_error(rid, _cancelled_error(kernel, name))
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)
     finally:
         kernel.stats.record(name, _now() - t0, ok)
+
+
+def _cancelled_error(kernel: Kernel, name: str) -> KernelError:
+    """The answer to a request whose task was cancelled: ESHUTDOWN when shutdown() gave up on it
+    (the shutdown timeout ended first), ECANCELED for any other cancellation."""
+    if kernel.shutting_down:
+        return ESHUTDOWN(f"{name}: still running when the shutdown timeout ended; the daemon is shutting down, "
+                         "retry after it restarts")
+    return ECANCELED(f"{name}: cancelled")
 
 
 def _reply_failure(kernel: Kernel, peer: Peer, rid: int, name: Any, exc: Exception) -> None:

@@ -379,9 +379,11 @@ class Memory:
     def snapshot(self) -> dict[str, Any]:
         vmu_stat = self.vmu.stat() if self.vmu is not None else {}
         ps = self.policy.statistics()
+        checkpoint = vmu_stat.get("checkpoint", {})  # checkpoint copies: device -> host pool, and back
         return {
             "segments": vmu_stat.get("segments", {}),
-            "swap": {**vmu_stat.get("swap", {}), "by_cause": ps.by_cause},
+            "swap": {**vmu_stat.get("swap", {}), "snapshot": checkpoint.get("out", {}),
+                     "restore": checkpoint.get("in", {}), "by_cause": ps.by_cause},
             "prefetch": {"pending": ps.prefetch_pending, "late": ps.prefetch_late, "on_time": ps.prefetch_on_time,
                          "scheduled": ps.prefetch_scheduled, "cancelled": ps.prefetch_cancelled},
             "transfer_estimate_bytes_per_s": {"out": ps.out_bytes_per_s, "in": ps.in_bytes_per_s},

@@ -324,7 +324,7 @@ class Connection(asyncio.BufferedProtocol):
             if (self._fd < 0 or self.closed or self._deferred or transport is None or transport.is_closing()
                     or transport.get_write_buffer_size()):
                 return False
-            if rid in self._cancelled:  # the loop gave up on it and answered ECANCELED
+            if rid in self._cancelled:  # the loop gave up on it and answered it itself
                 self._cancelled.discard(rid)
                 return False
             # Recorded before the first byte leaves: os.writev lets go of the GIL, and the client may
@@ -342,8 +342,8 @@ class Connection(asyncio.BufferedProtocol):
             return True
 
     def cancelled(self, rid: int) -> None:
-        """The loop stopped waiting for request `rid` (its task was cancelled) and answers it ECANCELED,
-        unless the worker already sent its reply (reply_error then drops the ECANCELED): from here on
+        """The loop stopped waiting for request `rid` (its task was cancelled) and answers it with an error
+        (see dispatch), unless the worker already sent its reply (reply_error then drops the error): from here on
         the worker does not send one."""
         with self._send_lock:
             if rid not in self._early and not self.closed:

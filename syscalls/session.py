@@ -30,7 +30,8 @@ def hello(k: Any, call: Any, *, protocol: int, client: str, token: str | None) -
     return {"protocol": abi.PROTOCOL_VERSION, "server": f"djinnd {k.version}", "uid": peer.uid, "pid": peer.pid,
             "device": k.device_name, "model": k.models.default_name, "limits": {
                 "max_header_nbytes": k.limits.max_header_nbytes, "max_payload_nbytes": k.limits.max_payload_nbytes,
-                "max_tensors": k.limits.max_tensors, "max_inflight": k.limits.max_inflight}}
+                "max_tensors": k.limits.max_tensors, "max_cbor_depth": k.limits.max_cbor_depth,
+                "max_inflight": k.limits.max_inflight}}
 
 
 def nop(k: Any, call: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def _row(name: str, handler: Callable[..., Any], args: tuple[Arg, ...], flags: s
 
 # What each syscall answers (CBOR map fields; `?` marks fields present only when asked for).
 _REPLIES: dict[str, str] = {
-    "hello": '{protocol, server, uid, pid, device, model, limits{max_header_nbytes, max_payload_nbytes, max_tensors, max_inflight}}',
+    "hello": '{protocol, server, uid, pid, device, model, limits{max_header_nbytes, max_payload_nbytes, max_tensors, max_cbor_depth, max_inflight}}',
     "nop": '{} (empty map)',
     "echo": '{data}: the argument, tensors returned as tensors',
     "stat": 'the stat snapshot (see "The stat snapshot" below)',
@@ -100,7 +100,9 @@ TABLE: dict[str, Syscall] = {s.name: s for s in (
         Arg("spec", "str", doc="demo, dummy:gpt2, dummy:llama-1b, dummy:llama-8b, or a local HF directory"),
         Arg("name", "str", required=False, nullable=True, doc="name to register it under (default: the spec)"),
         Arg("dtype", "str", required=False, nullable=True, doc="float32, bfloat16 or float16"),
-    ), "mutates gpu", "Loads a model's weights into the Text segment once; later loads of the same name share it."),
+    ), "mutates gpu", "Loads a model's weights into the Text segment once; later loads of the same name share it "
+       "(EEXIST if they ask for another spec or dtype). EINVAL for an unknown spec or a directory that is not a "
+       "complete checkpoint."),
     _row("unload_model", model.unload_model, (Arg("name", "str"),), "mutates gpu",
          "Unloads a model no session uses (EBUSY otherwise)."),
     _row("models", model.models, (), "", "Lists loaded models."),
@@ -116,7 +118,8 @@ TABLE: dict[str, Syscall] = {s.name: s for s in (
         _S, Arg("input_ids", "ids", doc="prompt token ids or text"),
         Arg("max_new_tokens", "int", required=False, default=16, min=1, doc="tokens to generate at most"),
         Arg("temperature", "number", required=False, default=0.0, min=0.0, doc="0 means greedy"),
-        Arg("top_p", "number", required=False, default=1.0, min=0.0, max=1.0, doc="nucleus sampling mass"),
+        Arg("top_p", "number", required=False, default=1.0, min=0.0, min_exclusive=True, max=1.0,
+            doc="nucleus sampling mass"),
         Arg("seed", "int", required=False, nullable=True, doc="sampling seed"),
         Arg("stop", "int_list", required=False, default=[], doc="stop token ids"),
         Arg("stream", "bool", required=False, default=False, doc="stream one frame per token"),

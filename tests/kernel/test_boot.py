@@ -1,17 +1,26 @@
-"""djinnd as a process: --help, READY=1 to systemd, clean shutdown on SIGTERM and SIGINT."""
+"""djinnd as a process: --help, READY=1 to systemd, clean shutdown on SIGTERM and SIGINT.
+
+The shutdown-timeout tests run the real `serve()` in a thread (tests/daemon.py), so
+that they can hold the device worker for as long as they need.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Iterator
 
 import pytest
 
 import djinn
+from tests.daemon import LiveDaemon, daemon_config
 
 
 def _start(tmp_path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -66,16 +75,63 @@ def test_ready_is_sent_to_notify_socket(tmp_path):
         listener.close()
 
 
-def test_inflight_work_finishes_or_fails_cleanly_on_shutdown(tmp_path):
-    proc, path = _start(tmp_path, "--shutdown-timeout-s", "5")
-    with djinn.connect(path) as k:
-        rid = k.submit("nop")
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert k.result(rid) == {}
-        except (djinn.errors.ESHUTDOWN, djinn.errors.ECANCELED, ConnectionError):
-            pass  # failed with a clear error: also acceptable
-    assert proc.wait(timeout=60) == 0
+def _hold_the_worker(d: LiveDaemon, release: threading.Event) -> None:
+    """Keep the daemon's device worker busy until `release` is set; returns once the job runs."""
+    started = threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(60)
+
+    asyncio.run_coroutine_threadsafe(d.kernel.worker.run(hold), d.loop)
+    assert started.wait(10), "the worker did not start the holding job"
+
+
+def _submit_device_request(k: djinn.Kernel) -> int:
+    """Send open_session (its arena is allocated on the worker); returns once the daemon has started it."""
+    rid = k.submit("open_session", arena_nbytes=4096)
+    assert k.syscall("nop") == {}  # requests are checked in arrival order: open_session is in flight now
+    return rid
+
+
+@contextlib.contextmanager
+def _shutdown_with_work_in_flight(tmp_path, timeout_s: float) -> Iterator[tuple[djinn.Kernel, int, threading.Event]]:
+    """A live daemon with a device request (its id) in flight behind a held worker, and shutdown begun;
+    yields (client, request id, the event that releases the worker). Afterwards the daemon must have
+    exited cleanly and removed its socket."""
+    d = LiveDaemon(daemon_config(model="none", socket=str(tmp_path / "d.sock"), shutdown_timeout_s=timeout_s)).start()
+    release = threading.Event()
+    try:
+        with djinn.connect(d.path) as k:
+            _hold_the_worker(d, release)
+            rid = _submit_device_request(k)
+            d.loop.call_soon_threadsafe(d.kernel.stop)
+            deadline = time.monotonic() + 10
+            while not d.kernel.shutting_down:
+                assert time.monotonic() < deadline, "shutdown did not begin"
+                time.sleep(0.01)
+            yield k, rid, release
+    finally:
+        release.set()
+        d.stop()
+    assert d.exit_code == 0 and d.error is None
+    assert not os.path.exists(d.path), "the socket is removed"
+
+
+def test_inflight_device_work_that_ends_within_the_shutdown_timeout_gets_its_reply(tmp_path):
+    with _shutdown_with_work_in_flight(tmp_path, 30.0) as (k, rid, release):
+        with pytest.raises(djinn.errors.ESHUTDOWN):
+            k.syscall("nop")  # new work is refused meanwhile
+        release.set()
+        assert k.result(rid)["session"].startswith("s")
+
+
+def test_inflight_device_work_held_past_the_shutdown_timeout_fails_with_eshutdown(tmp_path):
+    with _shutdown_with_work_in_flight(tmp_path, 0.3) as (k, rid, _release):
+        t0 = time.monotonic()
+        with pytest.raises(djinn.errors.ESHUTDOWN, match="shutdown timeout"):
+            k.result(rid)
+        assert time.monotonic() - t0 < 10
 
 
 def test_boot_objects_are_frozen_out_of_the_cyclic_gc(tmp_path):

@@ -72,3 +72,68 @@ def test_socket_under_systemd(monkeypatch):
     monkeypatch.delenv("DJINN_SOCKET", raising=False)
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/djinn")
     assert default_socket_path() == "/run/djinn/djinnd.sock"
+
+
+def test_help_shows_off_and_none_for_tcp_and_its_token():
+    text = " ".join(build_parser().format_help().split())
+    assert "[env DJINN_TCP; default off]" in text
+    assert "[env DJINN_TCP_TOKEN; default none]" in text
+    assert ":PORT binds 127.0.0.1" in text
+    assert "default: see" not in text  # the socket rule is written out
+    assert "/tmp/djinn-<uid>/djinnd.sock" in text
+
+
+SYSTEM_SOCKET = "/run/djinn/djinnd.sock"
+
+
+@pytest.fixture
+def as_user(monkeypatch, tmp_path):
+    """A non-root caller with no DJINN_SOCKET, under systemd-like RUNTIME_DIRECTORY; returns
+    `system(exists)`, which decides whether /run/djinn/djinnd.sock is there."""
+    import os
+
+    monkeypatch.delenv("DJINN_SOCKET", raising=False)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "unit"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    real_exists = os.path.exists
+    system_exists = [False]
+    monkeypatch.setattr(os.path, "exists", lambda p: system_exists[0] if p == SYSTEM_SOCKET else real_exists(p))
+
+    def system(exists: bool) -> None:
+        system_exists[0] = exists
+
+    return system
+
+
+def test_client_socket_is_the_per_user_one_when_there_is_no_system_socket(as_user, tmp_path):
+    as_user(False)
+    user = str(tmp_path / "xdg" / "djinn" / "djinnd.sock")
+    assert default_socket_path() == str(tmp_path / "unit" / "djinnd.sock")  # the daemon follows systemd
+    assert default_socket_path(for_client=True) == user  # a client ignores RUNTIME_DIRECTORY
+
+
+def test_client_falls_back_to_the_system_socket_when_the_user_one_is_missing(as_user, tmp_path):
+    as_user(True)
+    assert default_socket_path(for_client=True) == SYSTEM_SOCKET
+    user = tmp_path / "xdg" / "djinn" / "djinnd.sock"
+    user.parent.mkdir(parents=True)
+    user.touch()
+    assert default_socket_path(for_client=True) == str(user)  # a per-user daemon's socket wins
+
+
+def test_client_socket_without_xdg_runtime_dir(as_user, monkeypatch):
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    as_user(False)
+    assert default_socket_path(for_client=True) == "/tmp/djinn-1000/djinnd.sock"
+    as_user(True)
+    assert default_socket_path(for_client=True) == SYSTEM_SOCKET
+
+
+def test_root_client_uses_the_system_socket(as_user, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_socket_path(for_client=True) == SYSTEM_SOCKET
+    monkeypatch.setenv("DJINN_SOCKET", "/elsewhere.sock")
+    assert default_socket_path(for_client=True) == "/elsewhere.sock"

@@ -8,22 +8,10 @@ import pytest
 import torch
 
 import djinn
-from tests.daemon import LiveDaemon, daemon_config
+from tests.daemon import LiveDaemon, daemon_config, greedy, session_row
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]
 MAX_TOKENS = 64
-
-
-def _greedy(s, logits, n: int) -> list[int]:
-    out = []
-    for _ in range(n):
-        out.append(int(torch.argmax(logits)))
-        logits = s.forward([out[-1]]).logits
-    return out
-
-
-def _row(k, s) -> dict:
-    return next(x for x in k.stat()["sessions"] if x["id"] == s.id)
 
 
 def _arena_nbytes(k) -> int:
@@ -51,22 +39,22 @@ def test_continuation_after_io_wait_is_identical(daemon_with, policy, mode):
     d = daemon_with(policy=policy, proactive_mode=mode, idle_timeout_s=0.0)
     with djinn.connect(d.path) as k:
         with k.open_session(max_tokens=MAX_TOKENS) as ref:
-            want = _greedy(ref, ref.forward(PROMPT).logits, 8)
+            want = greedy(ref, ref.forward(PROMPT).logits, 8)
         with k.open_session(max_tokens=MAX_TOKENS) as s:
             logits = s.forward(PROMPT).logits
             reply = s.signal_phase("IO_WAIT", expected_ms=80)
             assert reply["phase"] == "IO_WAIT"
             time.sleep(0.03)
-            row = _row(k, s)
+            row = session_row(k, s)
             if (policy, mode) == ("proactive", "eager"):
                 assert row["residency"] == "host" and row["state"] == "SWAPPED"
             else:
                 assert row["residency"] == "device" and row["state"] == "IO_WAIT"
             time.sleep(0.1)
             if (policy, mode) == ("proactive", "eager"):
-                assert _row(k, s)["residency"] == "device", "the prefetch brought it back before the return"
+                assert session_row(k, s)["residency"] == "device", "the prefetch brought it back before the return"
             s.signal_phase("COMPUTE")
-            assert _greedy(s, logits, 8) == want
+            assert greedy(s, logits, 8) == want
         st = k.stat()
         if (policy, mode) == ("proactive", "eager"):
             assert st["memory"]["swap"]["by_cause"]["signal"] == 1
@@ -99,16 +87,16 @@ def test_pressure_pages_out_a_waiting_or_idle_session(daemon_with, policy, mode)
         a = k.open_session(max_tokens=MAX_TOKENS)
         b = k.open_session(max_tokens=MAX_TOKENS)
         la = a.forward(PROMPT).logits
-        want = _greedy(b, b.forward(PROMPT).logits, 4)
+        want = greedy(b, b.forward(PROMPT).logits, 4)
         if policy == "proactive":
             a.signal_phase("IO_WAIT", expected_ms=10_000)
         time.sleep(0.1)
         c = k.open_session(max_tokens=MAX_TOKENS)  # needs room: a is paged out for it
-        assert _row(k, a)["residency"] == "host"
+        assert session_row(k, a)["residency"] == "host"
         cause = "signal" if policy == "proactive" else "idle"
         assert k.stat()["memory"]["swap"]["by_cause"][cause] >= 1
         c.close()
-        assert _greedy(a, la, 4) == want  # paged back in on use, state intact
+        assert greedy(a, la, 4) == want  # paged back in on use, state intact
 
 
 def test_policy_none_answers_enomem_and_keeps_everyone(daemon_with):
@@ -131,7 +119,7 @@ def test_full_host_pool_refuses_and_drops_nothing(daemon_with):
         logits = s.forward(PROMPT).logits
         with pytest.raises(djinn.errors.ENOMEM):
             s.page_out()
-        assert _row(k, s)["residency"] == "device"
+        assert session_row(k, s)["residency"] == "device"
         with pytest.raises(djinn.errors.ENOMEM):
             s.checkpoint()
         nxt = s.forward([int(torch.argmax(logits))])
@@ -142,6 +130,6 @@ def test_stat_shows_phase_and_time_in_phase(kernel):
     with kernel.open_session(bare=True) as s:
         s.signal_phase("IO_WAIT", expected_ms=5000)
         time.sleep(0.05)
-        row = _row(kernel, s)
+        row = session_row(kernel, s)
         assert row["phase"] == "IO_WAIT" and row["phase_s"] >= 0.04 and row["expected_ms"] == 5000
         assert "pending" in kernel.stat()["memory"]["prefetch"]

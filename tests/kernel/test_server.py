@@ -170,6 +170,11 @@ def test_version_mismatch_names_both_versions(djinnd):
     _still_serving(djinnd)
 
 
+def test_hello_reports_every_limit_in_force(kernel):
+    limits = abi.DEFAULT_LIMITS
+    assert kernel.server["limits"] == {name: getattr(limits, name) for name in abi.Limits.__slots__}
+
+
 def test_unknown_syscall_and_bad_arguments(kernel):
     with pytest.raises(djinn.errors.ENOSYS):
         kernel.syscall("fly")
@@ -267,20 +272,18 @@ def test_busy_poll_setting_from_the_environment(djinnd, monkeypatch):
             djinn.connect(djinnd.path)
 
 
-def test_aio_client(djinnd):
+async def test_aio_client(djinnd):
     import asyncio
 
     import djinn.aio
 
-    async def main():
-        k = await djinn.aio.connect(djinnd.path)
+    k = await djinn.aio.connect(djinnd.path)
+    try:
         results = await asyncio.gather(*(k.syscall("echo", data=i) for i in range(50)))
         assert [r["data"] for r in results] == list(range(50))
-        st = await k.stat()
+        assert "sessions" in await k.stat()
+    finally:
         await k.close()
-        return st
-
-    assert "sessions" in asyncio.run(main())
 
 
 def test_default_connection(djinnd, monkeypatch):
@@ -299,6 +302,7 @@ def test_default_connection(djinnd, monkeypatch):
     client.default_kernel().close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the child becomes another uid (setgid/setuid), which needs root")
 def test_other_uid_gets_eperm(djinnd):
     os.chmod(os.path.dirname(djinnd.path), 0o711)  # the socket is 0660: uid 12345 gets in through group 0
     with djinn.connect(djinnd.path) as k:
@@ -435,6 +439,27 @@ def test_tcp_requires_the_token():
             assert k.syscall("nop") == {}
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("spec,expected", [
+    (":7000", ("127.0.0.1", 7000)),
+    ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+    ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ("gpu-box.lan:7000", ("gpu-box.lan", 7000)),
+    ("[::1]:7000", ("::1", 7000)),
+])
+def test_parse_tcp(spec, expected):
+    from djinn.kernel.server import parse_tcp
+
+    assert parse_tcp(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["7000", "localhost", "localhost:", "localhost:http", ":-1"])
+def test_parse_tcp_rejects(spec):
+    from djinn.kernel.server import parse_tcp
+
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_tcp(spec)
 
 
 def _free_port() -> int:
