@@ -73,7 +73,9 @@ class Kernel:
         raise ESHUTDOWN(f"{name}: djinnd is shutting down and accepts no new work; reconnect after it restarts")
 
     async def shutdown(self) -> None:
-        """Drain in-flight requests for shutdown_timeout_s, fail the rest, close everything."""
+        """Drain in-flight requests for shutdown_timeout_s, fail the rest with ESHUTDOWN, close everything.
+
+        The rest are cancelled; dispatch answers a request cancelled while `shutting_down` ESHUTDOWN."""
         self.shutting_down = True
         tasks = [t for c in self.connections for t in c.tasks]
         if tasks:

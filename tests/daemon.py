@@ -84,3 +84,20 @@ def daemon_config(**overrides: Any) -> Config:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def greedy(session: Any, logits: Any, n: int) -> list[int]:
+    """Continue `session` greedily, one forward per token, from the last logits it returned."""
+    import torch
+
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(torch.argmax(logits)))
+        logits = session.forward([out[-1]]).logits
+    return out
+
+
+def session_row(k: Any, session: Any) -> dict[str, Any]:
+    """The `stat` row of `session`, through the client `k`."""
+    return next(x for x in k.stat()["sessions"] if x["id"] == session.id)
+

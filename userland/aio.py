@@ -1,7 +1,8 @@
 """The asyncio twin of the client: `await djinn.aio.connect()` returns an AsyncKernel.
 
 Rules: one connection, many requests in flight; a reader protocol routes each
-reply frame to its request's future (or stream queue) by id.
+reply frame to its request's future (or stream queue) by id, and drops the
+frames of an id nobody waits for (a `post()`ed request's).
 """
 
 from __future__ import annotations
@@ -69,17 +70,28 @@ class AsyncKernel:
         self.server: dict[str, Any] = {}
 
     def _submit(self, name: str, args: dict[str, Any]) -> tuple[int, asyncio.Queue[Any]]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        return self._write(name, args, q), q
+
+    def _write(self, name: str, args: dict[str, Any], q: asyncio.Queue[Any] | None) -> int:
+        """Send one request; its frames go to `q`, or with None are dropped as they arrive."""
         if self._proto.lost is not None:
             raise ConnectionError(f"connection to djinnd is gone: {self._proto.lost}")
         rid = next(self._ids)
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._proto.waiters[rid] = q
         parts = encode_request(rid, name, args)
+        if q is not None:
+            self._proto.waiters[rid] = q
         if len(parts) == 1:
             self._transport.write(parts[0])  # sent at once; writelines() would wait for the loop's next turn
         else:
             self._transport.writelines(parts)
-        return rid, q
+        return rid
+
+    def post(self, name: str, /, **args: Any) -> None:
+        """Send a request and do not wait for its reply (fire and forget): the reader drops its frames,
+        a result or an error alike, and nothing is raised for them. Raises ConnectionError only if the
+        connection is already gone."""
+        self._write(name, args, None)
 
     @staticmethod
     def _decode(frame: Any) -> Any:
@@ -167,7 +179,13 @@ class AsyncSession:
                                              max_new_tokens=max_new_tokens, stream=True, **opts):
             yield int(item["token"])
 
-    async def signal_phase(self, phase: str, expected_ms: float | None = None) -> dict[str, Any]:
+    async def signal_phase(self, phase: str, expected_ms: float | None = None, *,
+                           wait: bool = True) -> dict[str, Any] | None:
+        """As Session.signal_phase: with wait=False the request is only sent (AsyncKernel.post) and None is
+        returned; its reply, or its error, is dropped."""
+        if not wait:
+            self.kernel.post("signal_phase", session=self.id, phase=phase, expected_ms=expected_ms)
+            return None
         return await self._call("signal_phase", phase=phase, expected_ms=expected_ms)
 
     async def checkpoint(self) -> str:
@@ -175,6 +193,20 @@ class AsyncSession:
 
     async def restore(self, checkpoint: str) -> None:
         await self._call("restore", checkpoint=checkpoint)
+
+    async def alloc_arena(self, nbytes: int) -> dict[str, Any]:
+        """As Session.alloc_arena: reserve or grow the arena; {arena_nbytes, used_nbytes}."""
+        return await self._call("alloc_arena", nbytes=nbytes)
+
+    async def free_arena(self) -> None:
+        """As Session.free_arena: ENOENT with no arena, EBUSY if it holds a model's KV cache."""
+        await self._call("free_arena")
+
+    async def page_out(self) -> dict[str, Any]:
+        return await self._call("page_out")
+
+    async def page_in(self) -> dict[str, Any]:
+        return await self._call("page_in")
 
     async def close(self) -> None:
         await self._call("close_session")

@@ -8,6 +8,9 @@ Rules:
   large payload lands in a buffer from the payload pool, which the returned
   tensors view. Large requests leave by scatter-gather from the tensors' memory.
 - A reply's error is raised as the same KernelError subclass the kernel meant.
+- `post()` sends a request whose reply nobody waits for: it has no inbox, and
+  the reader drops the frames of an id without one (its result or its error
+  alike), so they never pile up.
 - Waiting for a reply blocks in the kernel by default. With `busy_poll_us` the
   reading thread first polls the socket without blocking for up to that long:
   it spends a CPU core while it waits, and in return skips the wake-up from a
@@ -109,6 +112,13 @@ class Kernel:
             self._send(parts)
         return rid
 
+    def post(self, name: str, /, **args: Any) -> None:
+        """Send a request and do not wait for its reply (fire and forget). Its reply, a result or an error,
+        is dropped when whichever thread reads the socket next comes to it; nothing is raised for it."""
+        parts = encode_request(next(self._ids), name, args)
+        with self._send_lock:
+            self._send(parts)
+
     def _send(self, parts: list[Any]) -> None:
         """Write one or more frames' parts. Holds _send_lock."""
         if len(parts) == 1:
@@ -161,7 +171,8 @@ class Kernel:
                 self._cv.notify_all()
 
     def _route(self, frame: Any) -> None:
-        """Hand a frame read for another request to its inbox. Raises the error of an id-0 error frame."""
+        """Hand a frame read for another request to its inbox; a frame of an id with no inbox (a post()ed
+        request's, or one whose reader gave up) is dropped. Raises the error of an id-0 error frame."""
         fid = frame.header["id"]
         with self._lock:
             target = self._inbox.get(fid)

@@ -111,7 +111,17 @@ class Session:
     def clear_steering(self, layer: int | None = None) -> None:
         self._call("clear_steering", layer=layer)
 
-    def signal_phase(self, phase: str, expected_ms: float | None = None) -> dict[str, Any]:
+    def signal_phase(self, phase: str, expected_ms: float | None = None, *,
+                     wait: bool = True) -> dict[str, Any] | None:
+        """Tell the kernel the session's next phase ("IO_WAIT" or "COMPUTE"); returns the policy's reply.
+
+        With wait=False the request is only sent (Kernel.post) and None is returned at once: its reply,
+        and any error in it (an unknown phase, say), is dropped, never raised. The session's requests
+        still run in the order they were sent, so a later syscall on it sees the phase applied.
+        """
+        if not wait:
+            self.kernel.post("signal_phase", session=self.id, phase=phase, expected_ms=expected_ms)
+            return None
         return self._call("signal_phase", phase=phase, expected_ms=expected_ms)
 
     def checkpoint(self) -> Checkpoint:
@@ -121,15 +131,20 @@ class Session:
         self._call("restore", checkpoint=checkpoint.id if isinstance(checkpoint, Checkpoint) else checkpoint)
 
     def alloc_arena(self, nbytes: int) -> dict[str, Any]:
+        """Reserve the arena of a session that has none, or grow it to `nbytes` (contents kept); returns
+        {arena_nbytes, used_nbytes}. EINVAL if `nbytes` is below its size (arenas never shrink)."""
         return self._call("alloc_arena", nbytes=nbytes)
 
     def free_arena(self) -> None:
+        """Free the arena. ENOENT if there is none; EBUSY if it holds a model's KV cache (close instead)."""
         self._call("free_arena")
 
     def page_out(self) -> dict[str, Any]:
+        """Move the arena to the host pool now (state SWAPPED); the next GPU syscall pages it back in."""
         return self._call("page_out")
 
     def page_in(self) -> dict[str, Any]:
+        """Bring a paged-out arena back to the device now, ahead of use."""
         return self._call("page_in")
 
     def close(self) -> None:

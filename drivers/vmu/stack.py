@@ -19,8 +19,10 @@ Rules:
     as Python dicts, the most expensive of these calls: once per request, after
     the reply.
   - On CPU torch keeps no allocation statistics: the scope is accounting only. The
-    caller reports bytes (`reserve_nbytes`, typically the plan's figure, and
-    `account()`/`release()`); the peak is the largest running total.
+    caller reports bytes (`reserve_nbytes` or `reserve()`, the plan's figure, and
+    `account()`/`release()`); the peak is the largest of the reserve and the
+    running total. The kernel reserves the plan's figure when admission has
+    checked it (kernel/execute.py), inside the request's scope.
   - The capacity is a budget, not a preallocation: a request over it is counted
     (`over_budget`), and admission control is the plan's job.
 """
@@ -48,6 +50,14 @@ class StackScope:
     reserve_nbytes: int = 0
     current_nbytes: int = 0  # CPU accounting: the running total of account() - release()
     peak_nbytes: int = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """The request's activations are at most `nbytes` (the plan's figure): raises the reserve and the
+        peak to it. Several reservations in one request keep the largest; none is ever lowered."""
+        if nbytes > self.reserve_nbytes:
+            self.reserve_nbytes = nbytes
+        if nbytes > self.peak_nbytes:
+            self.peak_nbytes = nbytes
 
     def account(self, nbytes: int) -> None:
         """Report `nbytes` more of activations alive (CPU accounting; harmless on CUDA)."""
@@ -132,6 +142,11 @@ class StackSegment:
                 self.max_peak_nbytes = max(self.max_peak_nbytes, scope.peak_nbytes)
                 if scope.peak_nbytes > self.capacity_nbytes:
                     self.over_budget += 1
+
+    @property
+    def measured(self) -> bool:
+        """True where the allocator measures each request's peak (CUDA); on CPU the caller reports it."""
+        return self._cuda is not None
 
     def stat(self) -> SegmentStat:
         """Call with the lock held. used = the last request's peak; free = what a request may still use."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import djinn
+from tests.daemon import greedy
 from tests.fakes import hf_reference, save_tiny
 
 KINDS = ("gpt2", "llama")
@@ -38,15 +39,6 @@ def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-
-
-def _greedy(s, logits: torch.Tensor, n: int) -> list[int]:
-    """Continue a session greedily, one forward per token, from the last logits it returned."""
-    out = []
-    for _ in range(n):
-        out.append(int(torch.argmax(logits)))
-        logits = s.forward([out[-1]]).logits
-    return out
 
 
 def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
@@ -82,7 +74,7 @@ def test_interleaved_sessions_match_hf(djinnd, tiny):
         name, hf = tiny[kind]
         try:
             with djinn.connect(djinnd.path) as k, k.open_session(name, max_tokens=64) as s:
-                got = _greedy(s, s.forward(prompts[i]).logits, 6)  # token by token, interleaved with the others
+                got = greedy(s, s.forward(prompts[i]).logits, 6)  # token by token, interleaved with the others
                 if got != _hf_greedy(hf, prompts[i], 6):
                     failures.append(f"session {i} ({kind}): {got}")
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
@@ -101,7 +93,7 @@ def test_pause_resume_is_bitwise_for_every_layer(kernel, tiny, kind):
     name, hf = tiny[kind]
     with kernel.open_session(name, max_tokens=64) as ref:
         want = ref.forward(PROMPT).logits
-        want_tokens = _greedy(ref, want, 8)
+        want_tokens = greedy(ref, want, 8)
     n_layers = kernel.syscall("models")["models"]
     n_layers = next(m["layers"] for m in n_layers if m["name"] == name)
     for layer in range(n_layers):
@@ -114,7 +106,7 @@ def test_pause_resume_is_bitwise_for_every_layer(kernel, tiny, kind):
             done = s.resume()
             assert done.paused_at is None
             assert torch.equal(done.logits, want), f"layer {layer}"
-            assert _greedy(s, done.logits, 8) == want_tokens
+            assert greedy(s, done.logits, 8) == want_tokens
 
 
 def test_scaled_activation_changes_logits(kernel, tiny):

@@ -120,6 +120,15 @@ def test_stack_scope_accounts_peak_on_cpu(small_vmu: VMU) -> None:
     assert small_vmu.stack_budget_nbytes == 1 * MiB
 
 
+def test_stack_reserve_keeps_the_largest_plan(small_vmu: VMU) -> None:
+    with small_vmu.stack_scope() as scope:
+        scope.reserve(300_000)
+        scope.reserve(200_000)  # a smaller plan in the same request lowers nothing
+        scope.account(100_000)
+    assert scope.reserve_nbytes == 300_000 and scope.peak_nbytes == 300_000
+    assert small_vmu.stat()["segments"]["stack"]["used_nbytes"] == 300_000
+
+
 def test_oom_from_torch_on_cpu() -> None:
     try:
         torch.empty(1 << 62, dtype=torch.uint8)
