@@ -4,7 +4,12 @@ Figures (issue: the foundation):
 - null round trip: djinnd `nop` p50/p99 against a bare uvloop length-prefixed echo
   (target: p50 <= 2x the echo); pipelined syscalls/s from one client (target >= 20,000);
 - a 16 MiB tensor echoed through djinnd against a raw Unix-socket `recv_into` echo
-  (target: >= 0.7x the floor's bandwidth).
+  (target: >= 0.7x the floor's bandwidth);
+- control syscalls while the device worker is busy: `stat`, `hello` and `nop` round trips from one
+  client while another client process keeps the worker running forwards back to back (a model
+  daemon: dummy:gpt2 on CUDA, demo on the CPU), against the same calls with the worker idle, in
+  alternating phases (target: p99 <= 1 ms while busy). The worker's busy fraction over the busy
+  phases, from `stat`, says how busy it was.
 The null round trip is measured three ways: as the scheduler places the processes
 (the target's figure), all on one core (software cost alone), and with the client on
 one core and both servers on another (every wake-up crosses cores). On a small VM
@@ -26,6 +31,7 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -67,6 +73,21 @@ while True:
         if got < nbytes: break
         conn.sendall(view)
     conn.close()
+"""
+
+
+LOAD_CLIENT = r"""
+import sys, time, torch, djinn
+path, seconds, tokens = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+ids = torch.randint(0, 250, (tokens,))
+with djinn.connect(path) as k:
+    with k.open_session(max_tokens=tokens) as s:
+        s.forward(ids, return_logits="last")  # warm: the plan is made before the timed phase
+    print("ready", flush=True)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        with k.open_session(max_tokens=tokens) as s:
+            s.forward(ids, return_logits="last")
 """
 
 
@@ -155,12 +176,59 @@ def _interleave(a: Callable[[], float], b: Callable[[], float], n: int, block: i
     return out_a, out_b
 
 
+def _control_phase(k: Any, seconds: float, out: dict[str, list[float]]) -> None:
+    """Round trips of each control syscall, in turn, for `seconds`."""
+    from djinn.kernel import abi
+
+    calls = {"stat": lambda: k.syscall("stat"), "nop": lambda: k.syscall("nop"),
+             "hello": lambda: k.syscall("hello", protocol=abi.PROTOCOL_VERSION, client="bench-rpc")}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            out[name].append(time.perf_counter() - t0)
+
+
+def _control_under_load(rounds: int, seconds: float) -> dict[str, Any]:
+    """Control syscalls with the device worker idle and busy, alternating phases (see the module notes)."""
+    import torch
+
+    import djinn
+
+    cuda = torch.cuda.is_available()
+    model, tokens = ("dummy:gpt2", 512) if cuda else ("demo", 256)
+    idle: dict[str, list[float]] = {"stat": [], "nop": [], "hello": []}
+    busy: dict[str, list[float]] = {"stat": [], "nop": [], "hello": []}
+    busy_s = wall_s = 0.0
+    with daemon("--model", model, "--max-tokens", str(tokens), "--vmu-data", "1GiB", "--vmu-host", "256MiB",
+                "--vmu-text", "1GiB", "--vmu-stack", "1GiB") as path, djinn.connect(path) as k:
+        _control_phase(k, 0.2, {n: [] for n in idle})  # warm-up, not kept
+        for _ in progress(range(rounds), "control syscalls, worker idle and busy"):
+            _control_phase(k, seconds, idle)
+            load = subprocess.Popen([sys.executable, "-c", LOAD_CLIENT, path, str(seconds + 1.0), str(tokens)],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                assert load.stdout is not None and load.stdout.readline().strip() == "ready", "the load client failed"
+                w0, t0 = k.syscall("stat")["worker"]["busy_s"], time.perf_counter()
+                _control_phase(k, seconds, busy)
+                busy_s += k.syscall("stat")["worker"]["busy_s"] - w0
+                wall_s += time.perf_counter() - t0
+            finally:
+                load.wait(60)
+    return {"model": model, "tokens": tokens, "idle": idle, "busy": busy,
+            "worker_busy_frac": busy_s / wall_s if wall_s else None}
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=20000, help="round trips per latency measurement")
     p.add_argument("--pipeline", type=int, default=256, help="requests in flight in the pipelined measurement")
     p.add_argument("--tensor-mib", type=int, default=16, help="size of the echoed tensor")
     p.add_argument("--tensor-trials", type=int, default=30)
     p.add_argument("--block", type=int, default=500, help="round trips per block when alternating echo and nop")
+    p.add_argument("--control-rounds", type=int, default=4,
+                   help="idle/busy phase pairs of the control-syscall measurement (0: skip it)")
+    p.add_argument("--control-s", type=float, default=2.0, help="seconds per control-syscall phase")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -227,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
                                       f"{args.tensor_mib} MiB echoes")
         assert torch.equal(replies[0], tensor), "the echoed tensor differs"
 
+    control = (_control_under_load(2 if args.quick else args.control_rounds, 0.5 if args.quick else args.control_s)
+               if args.control_rounds > 0 else None)
+
     echo_p50, null_p50 = percentile(echo, 50), percentile(null, 50)
     echo1_p50, null1_p50 = percentile(echo_1, 50), percentile(null_1, 50)
     floor_bw = 2 * nbytes / percentile(bulk, 50)
@@ -255,6 +326,18 @@ def run(args: argparse.Namespace) -> int:
                    ratio=djinn_bw / floor_bw, target="ratio >= 0.7", trials=trials, interleaved_block=1,
                    djinn_so_sndbuf_nbytes=SEND_BUFFER_NBYTES),
     ]
+    control_rows = []
+    if control is not None:
+        for name in ("stat", "hello", "nop"):
+            b, i = control["busy"][name], control["idle"][name]
+            results.append(rec.record(
+                metric="control_syscall_while_worker_busy", syscall=name, unit="us", model=control["model"],
+                tokens=control["tokens"], djinn_p50=percentile(b, 50) * 1e6, djinn_p99=percentile(b, 99) * 1e6,
+                baseline="the same call with the worker idle", baseline_p50=percentile(i, 50) * 1e6,
+                baseline_p99=percentile(i, 99) * 1e6, ratio_p99=percentile(b, 99) / percentile(i, 99),
+                n=len(b), worker_busy_frac=control["worker_busy_frac"], target="djinn_p99 <= 1000 us"))
+            control_rows.append((f"{name} p99 (us), worker busy", percentile(b, 99) * 1e6, percentile(i, 99) * 1e6,
+                                 "target <= 1000"))
     rows = [
         ("null syscall p50 (us)", null_p50 * 1e6, echo_p50 * 1e6, f"{null_p50 / echo_p50:.2f}x"),
         ("  the same on one core", null1_p50 * 1e6, echo1_p50 * 1e6, f"{null1_p50 / echo1_p50:.2f}x"),
@@ -262,9 +345,13 @@ def run(args: argparse.Namespace) -> int:
             f"{percentile(null_x, 50) / percentile(echo_x, 50):.2f}x")] if null_x else []),
         ("pipelined syscalls/s", pipelined_per_s, float("nan"), "target >= 20000"),
         (f"{args.tensor_mib} MiB echo (GB/s)", djinn_bw / 1e9, floor_bw / 1e9, f"{djinn_bw / floor_bw:.2f}x"),
+        *control_rows,
     ]
     print(f"\n{'metric':28} {'djinn':>12} {'baseline':>12} {'ratio':>16}")
     for name, a, b, r in rows:
         print(f"{name:28} {a:12.2f} {b:12.2f} {r:>16}")
+    if control is not None and control["worker_busy_frac"] is not None:
+        print(f"control syscalls: the worker was busy {100 * control['worker_busy_frac']:.0f}% of the busy phases "
+              f"({control['model']}, {control['tokens']}-token forwards back to back); baseline: worker idle")
     print(f"results: {rec.path} ({len(results)} records)")
     return 0

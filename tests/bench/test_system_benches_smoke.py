@@ -33,6 +33,10 @@ def test_rpc_quick(tmp_path: Path) -> None:
     _positive(pipelined, "djinn")
     [bulk] = _of(records, "tensor_echo_bandwidth")
     _positive(bulk, "djinn", "baseline_value", "ratio")
+    control = _of(records, "control_syscall_while_worker_busy")
+    assert {r["syscall"] for r in control} == {"stat", "hello", "nop"}
+    for r in control:
+        _positive(r, "djinn_p50", "djinn_p99", "baseline_p99", "n", "worker_busy_frac")
 
 
 def test_arena_quick(tmp_path: Path) -> None:

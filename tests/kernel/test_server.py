@@ -395,7 +395,7 @@ def test_stat_answers_while_the_worker_is_busy(djinnd):
     matrices for two seconds while the client calls stat for 0.8 s. If stat waited for
     the worker, the client would get one answer in that time; it gets hundreds, and no
     call takes a large part of the worker's job. The latency itself is a figure for
-    `python -m bench rpc`, not for a test on a shared machine.
+    `python -m bench rpc` (control_syscall_while_worker_busy), not for a test on a shared machine.
     """
     def seconds_of_matmuls() -> tuple[float, float]:
         t0 = time.time()
