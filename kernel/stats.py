@@ -1,19 +1,22 @@
 """Per-syscall counters and latency percentiles for `stat`.
 
-Rules: recording is O(1) on the loop thread (a bounded ring of recent latencies
-per syscall, and a running total: the mean over any interval is the difference of
-two snapshots' total_s over that of their counts); percentiles are computed only
-when `stat` asks. A latency runs from the request's dispatch to its last reply frame.
+Rules: recording is O(1) on the loop thread (a ring of the recent latencies per
+syscall, in a numpy array that `stat` partitions instead of sorting, and a
+running total: the mean over any interval is the difference of two snapshots'
+total_s over that of their counts); percentiles are computed only when `stat`
+asks. A latency runs from the request's dispatch to its last reply frame.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = ["SyscallStats"]
 
 WINDOW = 2048  # latencies kept per syscall for p50/p99: recent enough to show change, big enough for p99
+_SLOT = WINDOW - 1  # a power of two: the ring's slot of the n-th latency is n & _SLOT
 
 
 @dataclass(slots=True)
@@ -21,16 +24,19 @@ class _Entry:
     count: int = 0
     errors: int = 0
     total_s: float = 0.0
-    recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    recent_s: np.ndarray = field(default_factory=lambda: np.empty(WINDOW))  # [:min(count, WINDOW)] filled
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = (len(sorted_values) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+def _percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """The `qs` quantiles of `values`, interpolated between order statistics as a sorted list's would be.
+    A partition of a copy, not a sort: a full window sorted in Python cost stat ~0.2 ms per syscall name."""
+    n = len(values)
+    if not n:
+        return [0.0] * len(qs)
+    a = values.copy()
+    spots = [(n - 1) * q for q in qs]
+    a.partition(sorted({i for k in spots for i in (int(k), min(int(k) + 1, n - 1))}))
+    return [float(a[int(k)] + (a[min(int(k) + 1, n - 1)] - a[int(k)]) * (k - int(k))) for k in spots]
 
 
 class SyscallStats:
@@ -41,16 +47,16 @@ class SyscallStats:
         e = self._by_name.get(name)
         if e is None:
             e = self._by_name[name] = _Entry()
+        e.recent_s[e.count & _SLOT] = seconds
         e.count += 1
         e.total_s += seconds
         if not ok:
             e.errors += 1
-        e.recent_s.append(seconds)
 
     def snapshot(self) -> dict[str, dict[str, float | int]]:
         out: dict[str, dict[str, float | int]] = {}
         for name, e in self._by_name.items():
-            s = sorted(e.recent_s)
+            p50, p99 = _percentiles(e.recent_s[:min(e.count, WINDOW)], (0.50, 0.99))
             out[name] = {"count": e.count, "errors": e.errors, "total_s": e.total_s,
-                         "p50_us": _pct(s, 0.50) * 1e6, "p99_us": _pct(s, 0.99) * 1e6}
+                         "p50_us": p50 * 1e6, "p99_us": p99 * 1e6}
         return out

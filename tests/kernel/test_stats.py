@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from djinn.kernel.stats import WINDOW, SyscallStats
 
@@ -39,3 +41,25 @@ def test_names_are_kept_apart_and_empty_stats_snapshot_empty() -> None:
     snap = stats.snapshot()
     assert snap["a"]["total_s"] == 1.0 and snap["a"]["errors"] == 0
     assert snap["b"]["total_s"] == 2.0 and snap["b"]["errors"] == 1
+
+
+def _sorted_percentile(values: list[float], q: float) -> float:
+    """The reference: linear interpolation between the order statistics of a sorted list."""
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=10.0, allow_nan=False), min_size=1, max_size=2 * WINDOW + 3))
+@settings(max_examples=60, deadline=None)
+def test_percentiles_are_those_of_the_most_recent_window(latencies: list[float]) -> None:
+    stats = SyscallStats()
+    for s in latencies:
+        stats.record("x", s, ok=True)
+    snap = stats.snapshot()["x"]
+    window = latencies[-WINDOW:]
+    assert snap["count"] == len(latencies)
+    assert snap["p50_us"] == pytest.approx(_sorted_percentile(window, 0.50) * 1e6, rel=1e-12, abs=1e-9)
+    assert snap["p99_us"] == pytest.approx(_sorted_percentile(window, 0.99) * 1e6, rel=1e-12, abs=1e-9)
