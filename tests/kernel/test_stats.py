@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from djinn.kernel.stats import WINDOW, SyscallStats
+from djinn.kernel.stats import REFRESH_CALLS, REFRESH_S, WINDOW, SyscallStats
 
 
 def test_counts_errors_total_and_percentiles() -> None:
@@ -63,3 +63,23 @@ def test_percentiles_are_those_of_the_most_recent_window(latencies: list[float])
     assert snap["count"] == len(latencies)
     assert snap["p50_us"] == pytest.approx(_sorted_percentile(window, 0.50) * 1e6, rel=1e-12, abs=1e-9)
     assert snap["p99_us"] == pytest.approx(_sorted_percentile(window, 0.99) * 1e6, rel=1e-12, abs=1e-9)
+
+
+def test_percentiles_lag_the_window_by_at_most_refresh_calls_or_refresh_s() -> None:
+    clock = [100.0]
+    stats = SyscallStats(clock=lambda: clock[0])
+    for _ in range(100):
+        stats.record("x", 1e-3, ok=True)
+    assert stats.snapshot()["x"]["p50_us"] == pytest.approx(1000.0)
+    for _ in range(REFRESH_CALLS - 1):
+        stats.record("x", 1.0, ok=True)
+    snap = stats.snapshot()["x"]
+    assert snap["count"] == 100 + REFRESH_CALLS - 1  # counts are always current
+    assert snap["p99_us"] == pytest.approx(1000.0)  # fewer than REFRESH_CALLS new calls: the last figures
+    clock[0] += REFRESH_S
+    assert stats.snapshot()["x"]["p99_us"] == pytest.approx(1e6)  # old enough: computed again
+    for _ in range(REFRESH_CALLS):
+        stats.record("x", 2.0, ok=True)
+    assert stats.snapshot()["x"]["p99_us"] == pytest.approx(2e6)  # REFRESH_CALLS new calls: computed again
+    clock[0] += REFRESH_S
+    assert stats.snapshot()["x"]["p99_us"] == pytest.approx(2e6)  # nothing new: the same figures
