@@ -60,6 +60,28 @@ def test_scaled_activation_changes_logits_and_identical_replacement_does_not(tin
     assert not torch.allclose(model.forward(state, [8]).logits, unsteered_next, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_pause_runs_no_layer_after_it_and_resume_runs_each_once(tiny, kind, monkeypatch):
+    """An early exit, not a full forward whose result is hidden: layers after L run only at resume."""
+    model = tiny(kind)
+    ran: list[int] = []
+    run_layer = model.arch.run_layer
+
+    def counted(i, *args, **kwargs):
+        ran.append(i)
+        return run_layer(i, *args, **kwargs)
+
+    monkeypatch.setattr(model.arch, "run_layer", counted)
+    for layer in range(model.n_layers):
+        state = new_state(model)
+        ran.clear()
+        model.forward(state, PROMPT, pause_at=layer)
+        assert ran == list(range(layer + 1)), layer
+        ran.clear()
+        model.resume(state)
+        assert ran == list(range(layer + 1, model.n_layers)), layer
+
+
 def test_pause_at_last_layer_runs_only_the_head(tiny):
     model = tiny("gpt2")
     full = model.forward(new_state(model), PROMPT)
