@@ -115,7 +115,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("socket", _opt_str, None, "Unix socket path. Unset: $RUNTIME_DIRECTORY/djinnd.sock when systemd sets "
             "RUNTIME_DIRECTORY (its first entry if several); else /run/djinn/djinnd.sock for root; else "
-            "$XDG_RUNTIME_DIR/djinn/djinnd.sock, or /tmp/djinn-<uid>/djinnd.sock when XDG_RUNTIME_DIR is unset. "
+            "$XDG_RUNTIME_DIR/djinn/djinnd.sock, or djinn-<uid>/djinnd.sock in the system's root temporary "
+            "directory (not $TMPDIR) when XDG_RUNTIME_DIR is unset. "
             "Clients use $DJINN_SOCKET, else the same rule without the RUNTIME_DIRECTORY step, and a non-root "
             "client whose per-user socket does not exist uses /run/djinn/djinnd.sock when that one exists",
             "auto (see above)"),

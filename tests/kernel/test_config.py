@@ -80,7 +80,7 @@ def test_help_shows_off_and_none_for_tcp_and_its_token():
     assert "[env DJINN_TCP_TOKEN; default none]" in text
     assert ":PORT binds 127.0.0.1" in text
     assert "default: see" not in text  # the socket rule is written out
-    assert "/tmp/djinn-<uid>/djinnd.sock" in text
+    assert "djinn-<uid>/djinnd.sock in the system's root temporary" in text
 
 
 SYSTEM_SOCKET = "/run/djinn/djinnd.sock"

@@ -10,18 +10,15 @@ import torch
 
 import djinn
 import djinn.aio
+from tests.daemon import session_row
 
 MiB = 1 << 20
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 64]
 
 
-def _row(k, sid: str) -> dict:
-    return next(x for x in k.stat()["sessions"] if x["id"] == sid)
-
-
 def test_arena_by_hand_on_a_bare_session(kernel):
     with kernel.open_session(bare=True) as s:
-        assert _row(kernel, s.id)["residency"] == "none"
+        assert session_row(kernel, s)["residency"] == "none"
         with pytest.raises(djinn.errors.ENOENT):
             s.page_out()
         got = s.alloc_arena(MiB)
@@ -31,15 +28,15 @@ def test_arena_by_hand_on_a_bare_session(kernel):
         with pytest.raises(djinn.errors.EINVAL, match="never shrinks") as e:
             s.alloc_arena(MiB)
         assert e.value.details["argument"] == "nbytes"
-        assert _row(kernel, s.id)["arena_nbytes"] == grown["arena_nbytes"]  # the refusal changed nothing
+        assert session_row(kernel, s)["arena_nbytes"] == grown["arena_nbytes"]  # the refusal changed nothing
         assert s.page_out()["residency"] == "host"
-        assert _row(kernel, s.id)["state"] == "SWAPPED"
+        assert session_row(kernel, s)["state"] == "SWAPPED"
         assert s.page_in()["residency"] == "device"
         assert s.page_in()["nbytes"] == 0  # already resident: nothing moves
         s.free_arena()
         with pytest.raises(djinn.errors.ENOENT, match="no arena"):
             s.free_arena()
-        assert _row(kernel, s.id)["residency"] == "none"
+        assert session_row(kernel, s)["residency"] == "none"
         assert s.alloc_arena(MiB)["arena_nbytes"] >= MiB  # a freed arena may be reserved again
 
 
@@ -62,7 +59,7 @@ def test_fire_and_forget_signal_phase(djinnd):
         assert s.signal_phase("NAPPING", wait=False) is None  # its EINVAL reply is dropped, not raised
         with pytest.raises(djinn.errors.ENOENT):
             s.free_arena()  # the session's requests run in arrival order: both posts were handled before it
-        row = _row(k, s.id)
+        row = session_row(k, s)
         assert row["phase"] == "IO_WAIT" and row["expected_ms"] == 60_000
         s.close()
         with k.open_session(max_tokens=64) as m:
