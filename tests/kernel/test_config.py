@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from djinn.kernel.config import SETTINGS, build_parser, default_socket_path, load_config, parse_size
@@ -122,10 +124,13 @@ def test_client_falls_back_to_the_system_socket_when_the_user_one_is_missing(as_
     assert default_socket_path(for_client=True) == str(user)  # a per-user daemon's socket wins
 
 
-def test_client_socket_without_xdg_runtime_dir(as_user, monkeypatch):
+def test_client_socket_without_xdg_runtime_dir(as_user, monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the fallback is fixed: a caller's TMPDIR never moves it
     as_user(False)
-    assert default_socket_path(for_client=True) == "/tmp/djinn-1000/djinnd.sock"
+    path = Path(default_socket_path(for_client=True))
+    assert (path.name, path.parent.name) == ("djinnd.sock", "djinn-1000")  # the uid as_user pretends to be
+    assert path.is_absolute() and not path.is_relative_to(tmp_path)
     as_user(True)
     assert default_socket_path(for_client=True) == SYSTEM_SOCKET
 
