@@ -140,6 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vmu_stack", parse_size, 0.1, "Stack budget (per-request activations): bytes or a fraction of free device memory"),
     Setting("vmu_host", parse_size, 0.25, "host pool size (paged-out arenas, checkpoints): bytes or a fraction of host RAM"),
     Setting("vmu_session_arena_mb", _pos_int, 64, "default arena size of a session with no model, in MiB"),
+    Setting("decode_batch", _pos_int, 32, "most sessions of one model whose generate steps run as one batched "
+            "decode pass when they arrive together; 1: every step runs alone"),
     Setting("cuda_streams", _pos_int, 4, "CUDA compute streams the sessions are spread over (each session's work on one)"),
     Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop keeps"),
     Setting("shutdown_timeout_s", _nonneg_float, 10.0, "on SIGTERM, how long in-flight requests may finish before they fail with ESHUTDOWN"),
@@ -167,6 +169,7 @@ class Config:
     vmu_stack: int | float = 0.1
     vmu_host: int | float = 0.25
     vmu_session_arena_mb: int = 64
+    decode_batch: int = 32
     cuda_streams: int = 4
     cpu_threads: int = 0
     shutdown_timeout_s: float = 10.0

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import abi
+from .batching import DecodeBatcher
 from .config import Config
 from .errors import EINVAL, EPERM, ESHUTDOWN
 from .execute import Execute
@@ -55,6 +56,7 @@ class Kernel:
         self.memory = Memory(self)
         self.models = ModelRegistry(self)
         self.execute = Execute(self)
+        self.batcher = DecodeBatcher(self.worker, self._in_scope, config.decode_batch)
         self._reclaim: dict[str, asyncio.TimerHandle] = {}
 
     # -- life cycle ---------------------------------------------------------------
@@ -191,25 +193,44 @@ class Kernel:
 
     async def on_device(self, s: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the worker for session `s`: page it in first, mark it RUNNING meanwhile."""
+        await self._device_begin(s)
+        try:
+            return await self.worker.run(self._in_scope, s.stream, fn, *args)
+        finally:
+            self._device_end(s)
+
+    async def decode_step(self, s: Session, model: Any, gen: Any) -> Any:
+        """`next(gen, None)` for a generation on session `s`, as on_device runs a call; decode steps of
+        several sessions that wait together run as one batched pass (kernel/batching.py)."""
+        await self._device_begin(s)
+        try:
+            return await self.batcher.step(model, gen, s.stream)
+        finally:
+            self._device_end(s)
+
+    async def _device_begin(self, s: Session) -> None:
         await self.memory.ensure_resident(s, cause="syscall")
         if s.phase != "COMPUTE":  # a GPU syscall means the session computes again
             s.phase, s.phase_since_s, s.expected_ms = "COMPUTE", time.monotonic(), None
         s.move("RUNNING")
         s.busy += 1
+
+    def _device_end(self, s: Session) -> None:
+        s.busy -= 1
+        s.touch()
+        if s.state == "RUNNING":
+            s.paused_at = getattr(s.seq, "paused_at", None) if s.seq is not None else None
+            s.move(rest_state(s))
+
+    def _in_scope(self, stream: int | None, fn: Callable[..., T], *args: Any) -> T:
+        """On the worker: fn(*args) with compute stream `stream` current, in a Stack scope."""
         vmu = self.memory.vmu
 
         def in_stack_scope() -> T:
             with vmu.stack_scope():
                 return fn(*args)
 
-        try:
-            return await self.worker.run(self.memory.streams.call_on, s.stream, in_stack_scope)
-        finally:
-            s.busy -= 1
-            s.touch()
-            if s.state == "RUNNING":
-                s.paused_at = getattr(s.seq, "paused_at", None) if s.seq is not None else None
-                s.move(rest_state(s))
+        return self.memory.streams.call_on(stream, in_stack_scope)
 
     async def on_stream(self, s: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the worker with session `s`'s compute stream current: work on its tensors that
@@ -238,5 +259,6 @@ class Kernel:
             "connections": len(self.connections),
             "checkpoints": self.memory.checkpoint_snapshot(),
             "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s,
-                       **(self.memory.streams.snapshot() if self.memory.streams is not None else {})},
+                       **(self.memory.streams.snapshot() if self.memory.streams is not None else {}),
+                       "decode_batching": self.batcher.snapshot()},
         }

@@ -10,7 +10,8 @@ Rules:
   (EncodedReply) and send it when the connection has nothing queued
   (Connection.send_now), so the client need not wait for the loop to wake;
   generate is one worker call per token, so other sessions interleave between
-  tokens and a client that goes away stops the loop at the next token.
+  tokens and a client that goes away stops the loop at the next token; decode
+  steps of sessions that wait together run as one batched pass (batching.py).
 - Admission: the plan's memory figure for the request is checked against the
   Stack budget before the request runs; a request that cannot fit gets ENOMEM.
 """
@@ -114,21 +115,23 @@ class Execute:
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, s, input_ids)
-        steps = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", functools.partial(
-            model.generate, s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            stop_ids=tuple(stop))))
+
+        def start() -> tuple[Any, int | None]:  # the checks, then the prefill and the first id, in one call
+            gen = model.generate(s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 stop_ids=tuple(stop))
+            return gen, next(gen, None)
+
+        steps, token = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", start))
         tok = model.tokenizer
         try:
-            while True:
-                if peer.closed:
-                    raise ECANCELED("generate: the client went away")
-                token = await self.k.on_device(s, next, steps, None)
-                if token is None:
-                    return
+            while token is not None:
                 item: dict[str, Any] = {"token": int(token), "position": s.tokens}
                 if tok is not None:
                     item["text"] = tok.decode([int(token)])
                 yield item
+                if peer.closed:
+                    raise ECANCELED("generate: the client went away")
+                token = await self.k.decode_step(s, model, steps)
         finally:
             # A generation stopped early (cancelled, client gone) leaves the state consistent.
             await self.k.on_stream(s, steps.close)

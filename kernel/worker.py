@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from .errors import ECANCELED, EIO, ENOMEM, KernelError, error_class
 
-__all__ = ["DeviceWorker", "to_kernel_error"]
+__all__ = ["DeviceWorker", "settled", "to_kernel_error"]
 
 log = logging.getLogger("djinn.worker")
 T = TypeVar("T")
@@ -71,6 +71,15 @@ class DeviceWorker:
         now = time.perf_counter
         while (job := jobs.get()) is not None:
             loop, future, fn, args = job
+            if future is None:  # post(): the call delivers its own outcomes
+                t0 = now()
+                try:
+                    fn(*args)
+                except BaseException:  # noqa: BLE001 - a posted call must not end the worker
+                    log.exception("posted device call %s failed", getattr(fn, "__qualname__", fn))
+                self.busy_s += now() - t0
+                self.calls += 1
+                continue
             if future.cancelled():  # its request was cancelled while it waited: never started, like an executor's
                 continue
             t0 = now()
@@ -98,17 +107,14 @@ class DeviceWorker:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((loop, future, fn, args))
-        try:
-            return await future
-        except KernelError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every driver failure becomes an errno
-            err = to_kernel_error(exc)
-            if err.errno == "EIO":
-                log.error("driver call %s failed", getattr(fn, "__qualname__", fn), exc_info=exc)
-            raise err from exc
+        return await settled(future, fn)
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue fn(*args) behind the calls already queued, and return: fn hands its outcomes back itself
+        (see DecodeBatcher). An exception it lets out is logged. ECANCELED once the worker has stopped."""
+        if self._closed:
+            raise ECANCELED("the device worker has stopped (the daemon is shutting down)")
+        self._jobs.put((None, None, fn, args))
 
     def close(self) -> None:
         """Run what is queued, then stop the thread. Later run() calls raise ECANCELED."""
@@ -116,6 +122,22 @@ class DeviceWorker:
             self._closed = True
             self._jobs.put(None)
         self._thread.join()
+
+
+async def settled(future: asyncio.Future[T], fn: Any) -> T:
+    """The outcome of a worker call's future, a driver failure raised as the KernelError it maps to
+    (an unexpected one, EIO, is logged with `fn`'s name)."""
+    try:
+        return await future
+    except KernelError:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every driver failure becomes an errno
+        err = to_kernel_error(exc)
+        if err.errno == "EIO":
+            log.error("driver call %s failed", getattr(fn, "__qualname__", fn), exc_info=exc)
+        raise err from exc
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

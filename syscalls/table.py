@@ -48,7 +48,7 @@ _REPLIES: dict[str, str] = {
     "free_arena": '{freed: true}',
     "page_out": '{residency: "host", nbytes, seconds}',
     "page_in": '{residency: "device", nbytes, seconds}',
-    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer}',
+    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer, batched_decode{steps, sequences, graphs, captures, replays}}',
     "unload_model": '{unloaded: name}',
     "models": '{models: [model maps as load_model returns], default}',
     "forward": '{position, paused_at, logits?, topk?{ids, logits}, activation?}',
@@ -123,7 +123,9 @@ TABLE: dict[str, Syscall] = {s.name: s for s in (
         Arg("seed", "int", required=False, nullable=True, doc="sampling seed"),
         Arg("stop", "int_list", required=False, default=[], doc="stop token ids"),
         Arg("stream", "bool", required=False, default=False, doc="stream one frame per token"),
-    ), "session mutates gpu stream", "Decodes tokens; streamed replies carry one token each."),
+    ), "session mutates gpu stream", "Decodes tokens; streamed replies carry one token each. Decode steps of sessions of one model that "
+     "wait together run as one batched pass (djinnd --decode-batch); each session keeps its own sampling "
+     "and seed, but its logits may differ from a lone run in the last bits (--decode-batch 1 turns it off)."),
     _row("set_steering", exec_.set_steering, (
         _S, Arg("layer", "int", min=0, doc="layer whose output is steered"),
         Arg("op", "str", choices=("add", "scale"), doc="add a vector, or scale by a number or vector"),

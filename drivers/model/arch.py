@@ -96,13 +96,18 @@ class Arch:
 
     def static_masks(self, pos: torch.Tensor, kv_len: int, arange: torch.Tensor, dtype: torch.dtype) -> dict:
         """Masks for one query at device position `pos` ([1] long) over `kv_len` keys; no host reads."""
+        return self.batch_masks(pos.view(1, 1), arange[:kv_len].view(1, kv_len), dtype)
+
+    def batch_masks(self, pos: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Masks [B, 1, 1, L] for one query per row at device positions `pos` ([B, 1] long) over the key
+        positions `keys` ([1, L]); no host reads."""
         out: dict[int | None, Any] = {}
+        b, n = pos.shape[0], keys.shape[1]
         for w in set(self.windows):
-            k = arange[:kv_len]
-            keep = k <= pos
+            keep = keys <= pos
             if w is not None:
-                keep = keep & (k > pos - w)
-            out[w] = self._finish_mask(keep.view(1, 1, 1, kv_len), dtype)
+                keep = keep & (keys > pos - w)
+            out[w] = self._finish_mask(keep.view(b, 1, 1, n), dtype)
         return out
 
     def _finish_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

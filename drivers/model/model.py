@@ -13,13 +13,14 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BadArgument, Busy, NotFound
 from .arch import make_arch
+from .batch import BatchDecoder
 from .cache import ArenaLayout
 from .graphs import StaticDecoder
 from .plans import CUDA_BLOCK_NBYTES, Plan, PlanCache, measure_on_meta
@@ -38,12 +39,30 @@ DECODE_MODES = ("dynamic", "static", "graph")
 
 
 class Generation(Iterator[int]):
-    """The iterator `generate()` returns. The state is reserved for it (other calls raise Busy) until it is
-    exhausted, raises, or is closed (`close()`: the kernel's cancel); dropping it also releases the state."""
+    """The iterator `generate()` returns: the prefill on the first `next()`, then one decode step per id.
 
-    def __init__(self, state: SeqState, steps: Iterator[int]) -> None:
-        self._state, self._steps, self._open = state, steps, True
+    The state is reserved for it (other calls raise Busy) until it is exhausted, raises, or is closed
+    (`close()`: the kernel's cancel); dropping it also releases the state. Between ids it may instead be
+    stepped together with other sessions' generations by `LoadedModel.decode_batch` (when `batchable`)."""
+
+    def __init__(self, model: "LoadedModel", state: SeqState, ids: list[int] | torch.Tensor, n: int, temp: float,
+                 top_p: float, gen: torch.Generator | None, stops: frozenset[int]) -> None:
+        self._model, self._state, self._ids = model, state, ids
+        self._n, self._temp, self._top_p, self._gen, self._stops = n, temp, top_p, gen, stops
+        self._made = 0  # ids yielded so far
+        self._last = -1  # the last id yielded: the next step's input
+        self._finished = False  # the last id was a stop id or the n-th
+        self._open = True
         state.generating = True
+
+    @property
+    def state(self) -> SeqState:
+        return self._state
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the next id comes from a decode step that may run in a batch (see batch.py)."""
+        return self._open and self._made > 0 and not self._finished and BatchDecoder.batchable(self._state)
 
     def __iter__(self) -> "Generation":
         return self
@@ -52,15 +71,36 @@ class Generation(Iterator[int]):
         if not self._open:
             raise StopIteration
         try:
-            return next(self._steps)
+            if self._finished:
+                raise StopIteration
+            model, state = self._model, self._state
+            if self._made == 0:
+                logits = model._prefill(state, self._ids)
+                self._ids = []
+            else:
+                self._check_step()
+                logits = model._decode_one(state, self._last)
+            return self._take(logits)
         except BaseException:
             self._release()
             raise
 
+    def _check_step(self) -> None:
+        self._model._alive()
+        if self._state.unfed_ids != [self._last] or self._state.paused_at is not None:
+            raise Busy("the state changed under a running generate(); cancel it before other calls")
+
+    def _take(self, logits: torch.Tensor) -> int:
+        """The next id from this step's logits [vocab]; it stays unfed, to run first in the next step."""
+        tok = sample(logits, self._temp, self._top_p, self._gen)
+        self._state.unfed_ids = [tok]
+        self._made += 1
+        self._last = tok
+        self._finished = tok in self._stops or self._made == self._n
+        return tok
+
     def close(self) -> None:
-        if self._open:
-            self._steps.close()  # type: ignore[attr-defined]
-            self._release()
+        self._release()
 
     def _release(self) -> None:
         if self._open:
@@ -98,6 +138,7 @@ class LoadedModel:
         self._text: TextRange | None = text
         self._meta_factory = meta_factory
         self._meta_arch: Any = None
+        self._batcher: BatchDecoder | None = None  # made at the first batched decode step
         round_to = CUDA_BLOCK_NBYTES if device.type == "cuda" else 1
         self._plans = PlanCache(
             lambda op, n, past: measure_on_meta(self._meta(), self.layout, self.fingerprint, op, n, past, round_to),
@@ -118,7 +159,13 @@ class LoadedModel:
             "params": self.n_params, "text_nbytes": self.text_nbytes, "n_layers": self.n_layers,
             "bytes_per_token": self.bytes_per_token, "loaded": self._text is not None,
             "plans": self._plans.stat(),
+            "batched_decode": self.batch_stat(),
         }
+
+    def batch_stat(self) -> dict[str, int]:
+        """The batched decode figures (BatchDecoder.stat); zeros before the first batched step."""
+        batcher = self._batcher
+        return batcher.stat() if batcher is not None else BatchDecoder.idle_stat()
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.spec!r}, {self.model_type}, {self.n_params} params, {self.dtype}, {self.device})"
@@ -196,27 +243,49 @@ class LoadedModel:
         # Rows used: the prefill, then n-1 decode steps; the last token yielded stays unfed.
         self._check_room(state, len(state.unfed_ids) + len(ids) + n - 1)
         gen = make_generator(self.device, seed) if temp > 0.0 else None
-        return Generation(state, self._generate(state, _after_unfed(state, ids), n, temp, top_p, gen, stops))
+        return Generation(self, state, _after_unfed(state, ids), n, temp, top_p, gen, stops)
 
-    def _generate(self, state: SeqState, ids: list[int] | torch.Tensor, n: int, temp: float, top_p: float,
-                  gen: torch.Generator | None, stops: frozenset[int]) -> Iterator[int]:
+    def decode_batch(self, gens: Sequence[Generation]) -> list[int]:
+        """One decode step for each of `gens` (generations of distinct states of this model, each
+        `batchable`) in one batched pass over the weights; returns each one's next id, in order.
+
+        Checks everything first (BadArgument, Busy, NotFound). If the pass itself fails, nothing is
+        committed and every generation stays open, so the caller may step them one by one instead."""
+        self._alive()
+        states = [g.state for g in gens]
+        if not gens or len({id(s) for s in states}) != len(states):
+            raise BadArgument("decode_batch needs one or more generations of distinct states")
+        for g in gens:
+            if not isinstance(g, Generation) or g._model is not self:
+                raise BadArgument("decode_batch: a generation of another model (generate())")
+            if not g.batchable:
+                raise Busy("decode_batch: a generation is not between decode steps, or its state is paused, "
+                           "steered or paged out")
+            g._check_step()
+        if len(gens) == 1:
+            return [next(gens[0])]
+        batcher = self._batcher
+        graphs = self.decode_mode == "graph"
+        if batcher is None or batcher.use_graphs != graphs:
+            batcher = self._batcher = BatchDecoder(self.arch, self.layout, self.device, graphs)
+        with torch.inference_mode():
+            logits = batcher.step(states, [g._last for g in gens])
+            return [g._take(row) for g, row in zip(gens, logits)]
+
+    def _prefill(self, state: SeqState, ids: list[int] | torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             logits = run_forward(self.arch, state, ids, None, Outputs()).logits
-        for i in range(n):
-            assert logits is not None
-            tok = sample(logits, temp, top_p, gen)
-            state.unfed_ids = [tok]
-            yield tok
-            if tok in stops or i == n - 1:
-                return
-            self._alive()
-            if state.unfed_ids != [tok] or state.paused_at is not None:
-                raise Busy("the state changed under a running generate(); cancel it before other calls")
-            with torch.inference_mode():
-                if self.decode_mode != "dynamic":
-                    logits = self._static_step(state, tok, Outputs()).logits
-                else:
-                    logits = run_forward(self.arch, state, [tok], None, Outputs()).logits
+        assert logits is not None
+        return logits
+
+    def _decode_one(self, state: SeqState, token: int) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.decode_mode != "dynamic":
+                logits = self._static_step(state, token, Outputs()).logits
+            else:
+                logits = run_forward(self.arch, state, [token], None, Outputs()).logits
+        assert logits is not None
+        return logits
 
     def _static_step(self, state: SeqState, token: int, out: Outputs) -> StepResult:
         graphs = self.decode_mode == "graph"
@@ -254,6 +323,9 @@ class LoadedModel:
         if self._text is None:
             return
         text, self._text = self._text, None
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         self.arch = None  # type: ignore[assignment]
         self._meta_arch = None
         if self.device.type == "cuda":

@@ -73,6 +73,12 @@ class Arena:
         start = self.offset + offset
         return self._vmu.data.tensor[start : start + nbytes].view(dtype).view(shape)  # a slice: see Segment.bytes_at
 
+    @property
+    def compute_stream(self) -> Any:
+        """CUDA: the stream current at the last view() or touch(), that is, where compute last used the
+        arena (work on another stream that reads it must wait for this one); None on the CPU or before."""
+        return self._stream
+
     def touch(self) -> None:
         """What view() does besides making a view, for a caller that keeps views taken at this `generation`:
         compute about to use the arena on the current stream is ordered after a page-in still in flight,

@@ -137,6 +137,80 @@ def test_graphs_survive_vmu_paging(long_dirs, home):
         vmu.close()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_batched_graph_decode_matches_lone_eager_steps_fp32(long_dirs, kind):
+    """Four sessions on different streams, 300 teacher-forced batched steps (crossing the 256 -> 512 key
+    bucket; one session leaves halfway, leaving a batch of 3 padded to 4), each against the same session
+    decoded alone, eagerly."""
+    from djinn.drivers.vmu import VMU
+
+    vmu = VMU("cuda", text_nbytes=64 << 20, data_nbytes=256 << 20, stack_nbytes=0, host_nbytes=16 << 20)
+    try:
+        vmu.data.tensor.fill_(0xFF)  # NaN bytes: a row no one wrote must never be read
+        model = load_model(str(long_dirs[kind]), device="cuda", dtype="float32", vmu=vmu)
+        ref = load_model(str(long_dirs[kind]), device="cuda", dtype="float32")
+        ref.decode_mode = "dynamic"
+        prompts = [PROMPT, PROMPT[:3], PROMPT * 5, [9]]
+        streams = [torch.cuda.Stream() for _ in prompts]
+        states = [model.new_state(vmu.alloc_arena(f"s{i}", model.arena_nbytes(600)), 600) for i in range(4)]
+        refs = [_state(ref, 600) for _ in prompts]
+        gens, tokens = [], []
+        for st, r, p, stream in zip(states, refs, prompts, streams):
+            with torch.cuda.stream(stream):
+                g = model.generate(st, p, 301)
+                tokens.append(next(g))
+            gens.append(g)
+            assert tokens[-1] == int(torch.argmax(ref.forward(r, p).logits))
+        for step in range(300):
+            live = [i for i in range(4) if step < 150 or i != 2]
+            with torch.cuda.stream(streams[live[0]]):
+                got = model.decode_batch([gens[i] for i in live])
+            for i, tok in zip(live, got):
+                want = ref.forward(refs[i], [tokens[i]]).logits
+                assert tok == int(torch.argmax(want)), f"session {i}, step {step}"
+                tokens[i] = tok
+        batch = model.batch_stat()
+        assert batch["steps"] == 300 and batch["sequences"] == 150 * 4 + 150 * 3
+        assert batch["captures"] == batch["graphs"] and 2 <= batch["graphs"] <= 4
+        assert batch["replays"] == 300
+        for g in gens:
+            g.close()
+        model.unload()
+    finally:
+        vmu.close()
+
+
+def test_batched_decode_bf16_tracks_lone_graph_steps(long_dirs):
+    """In bfloat16, eight sessions teacher-forced through 40 batched steps against twins stepped alone
+    (graphs): the logits stay close and the argmax agrees nearly everywhere."""
+    from djinn.drivers.model.batch import BatchDecoder
+    from djinn.drivers.vmu import VMU
+
+    vmu = VMU("cuda", text_nbytes=64 << 20, data_nbytes=256 << 20, stack_nbytes=0, host_nbytes=16 << 20)
+    try:
+        model = load_model(str(long_dirs["llama"]), device="cuda", dtype="bfloat16", vmu=vmu)
+        prompts = [[(7 * i + j) % 250 + 1 for j in range(5 + 9 * i)] for i in range(8)]
+        states = [model.new_state(vmu.alloc_arena(f"s{i}", model.arena_nbytes(128)), 128) for i in range(8)]
+        twins = [model.new_state(vmu.alloc_arena(f"t{i}", model.arena_nbytes(128)), 128) for i in range(8)]
+        for st, tw, p in zip(states, twins, prompts):
+            model.forward(st, p)
+            model.forward(tw, p)
+        batcher = BatchDecoder(model.arch, model.layout, model.device, use_graphs=True)
+        agree = 0
+        for step in range(40):
+            tokens = [(13 * step + i) % 250 + 1 for i in range(8)]
+            with torch.inference_mode():
+                got = batcher.step(states, tokens).clone()
+            for row, tw, t in zip(got, twins, tokens):
+                want = model.forward(tw, [t]).logits
+                assert (row - want).abs().max() <= 0.02 * want.abs().max(), f"step {step}"
+                agree += int(torch.argmax(row)) == int(torch.argmax(want))
+        assert agree >= 0.95 * 8 * 40, f"argmax agrees on {agree} of {8 * 40}"
+        model.unload()
+    finally:
+        vmu.close()
+
+
 def _step_ms(model, state, n: int) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
