@@ -68,7 +68,7 @@ class DecodeBatcher:
                     self._queue.clear()
                     self._posted = False
                 raise
-        return await settled(future, next)
+        return await settled(future, "a generate step")
 
     def snapshot(self) -> dict[str, Any]:
         return {"max_batch": self.max_batch, "passes": self.passes, "steps": self.steps,

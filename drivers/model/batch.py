@@ -39,6 +39,9 @@ from .state import SeqState
 __all__ = ["BatchCache", "BatchDecoder", "batch_bucket"]
 
 
+MIN_INPUT_ROWS = 64  # the input buffers' first size: growing them drops every captured graph
+
+
 def batch_bucket(n: int) -> int:
     """The static batch size a step of `n` sequences runs at: the next power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
@@ -140,7 +143,9 @@ class BatchDecoder:
         self._cap = 0  # rows of the input buffers
         self._inputs: torch.Tensor | None = None  # [3, cap] long: token, position, base element offset
         self._staging: torch.Tensor | None = None  # its host twin (page-locked on CUDA)
-        self._arange: torch.Tensor | None = None
+        # Graphs read these buffers by address, so they are made once, large enough for every step:
+        # the key positions of the largest key bucket, and the offsets of one layer's K and V in a row.
+        self._arange = torch.arange(max(_key_bucket(arch.max_positions), self.cache.width), device=device)
         self._copied: Any = None  # CUDA event: the inputs' copy out of the staging buffer is done
         self.steps = self.sequences = self.captures = self.replays = 0
 
@@ -238,7 +243,8 @@ class BatchDecoder:
     def _ensure_inputs(self, size: int) -> None:
         if size <= self._cap:
             return
-        self._cap = size
+        self._cap = max(size, MIN_INPUT_ROWS)
+        size = self._cap
         self._inputs = torch.zeros(3, size, dtype=torch.long, device=self.device)
         self._staging = torch.zeros(3, size, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.graphs.clear()  # they read the old input buffers
@@ -246,9 +252,7 @@ class BatchDecoder:
 
     def _body(self, flat: torch.Tensor, rows: torch.Tensor, size: int, keys: int) -> torch.Tensor:
         arch, inputs, row_elems = self.arch, self._inputs, self.row_elems
-        assert inputs is not None
-        if self._arange is None or self._arange.numel() < max(keys, self.cache.width):
-            self._arange = torch.arange(max(keys, self.cache.width, 2 * MIN_BUCKET), device=self.device)
+        assert inputs is not None and keys <= self._arange.numel()
         ids, pos, base = inputs[0, :size].view(size, 1), inputs[1, :size].view(size, 1), inputs[2, :size].view(size, 1)
         k = self._arange[:keys].view(1, keys)
         read = base + torch.minimum(k, pos) * row_elems  # [B, L]
