@@ -16,11 +16,13 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -171,7 +173,8 @@ class PlanCache:
                 return plan
         _, _, n_b, past_b = key
         t0 = time.perf_counter()
-        peak = self._measure(op, n_b, past_b)
+        with collector_paused():
+            peak = self._measure(op, n_b, past_b)
         plan = Plan(op, batch, n_b, past_b, peak, (past_b + n_b) * self._bytes_per_token, time.perf_counter() - t0)
         with self._lock:
             self.misses += 1
@@ -181,6 +184,22 @@ class PlanCache:
     def stat(self) -> dict[str, int]:
         with self._lock:
             return {"plans": len(self._plans), "hits": self.hits, "misses": self.misses}
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection in this block (then as before). A plan run builds a meta model under
+    `torch.device("meta")` and runs it under a dispatch mode, and allocates enough Python objects to set
+    the collector off: the finalizers of unrelated garbage it would run there (other sessions' tensors,
+    CUDA graphs) would see this thread's modes, and what they made would be on the meta device or
+    counted in the plan. One GPU test run aborted in exactly that spot."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def measure_on_meta(meta_arch: Any, layout: Any, fingerprint: str, op: str, n_tokens: int, past: int,

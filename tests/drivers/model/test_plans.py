@@ -63,3 +63,26 @@ def test_planning_leaves_the_model_untouched(fresh_model):
 def test_bad_plan_requests(tiny, args):
     with pytest.raises(BadArgument):
         tiny("gpt2").plan(*args)
+
+
+def test_a_cold_plan_runs_with_the_collector_paused(tiny, monkeypatch):
+    """The meta build and run must not collect garbage (see plans.collector_paused); after, it is as before."""
+    import gc
+
+    from djinn.drivers.model import model as model_module
+
+    model = tiny("gpt2")
+    seen: list[bool] = []
+    real = model_module.measure_on_meta
+
+    def spy(*a, **kw):
+        seen.append(gc.isenabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model_module, "measure_on_meta", spy)
+    gc.enable()
+    try:
+        model.plan("forward", 70, 130)  # a bucket no other test asks for: a cold plan
+        assert seen == [False] and gc.isenabled()
+    finally:
+        gc.enable()
