@@ -6,10 +6,12 @@ model whose KV caches live in different session arenas, at different positions.
 
 Rules:
 - Every arena is a range of the Data segment, one storage. A step addresses sequence b's K/V row t
-  by element offset into that storage: `base_b + t * row_elems + layer * 2 * kv_heads * head_dim`.
-  New rows are written through a flat view of the storage (`index_copy_`); past rows are read through
-  an overlapping view of it (`as_strided`, row stride 1 element), one gather per layer that yields
-  `[B, L, 2 * kv_heads * head_dim]`: K then V, as a token's row holds them. No cache is moved.
+  by offset into that storage: `base_b + t * row + layer * width`, where `width` is one layer's K and
+  V in a token's row (2 * kv_heads * head_dim elements). New rows are written through a flat view of
+  the storage (`index_copy_`); past rows are read through an overlapping view of it (`as_strided`,
+  row stride 1), one gather per layer that yields `[B, L, width]`: K then V, as a token's row holds
+  them. No cache is moved. Offsets count words of 8 bytes where the layout's sizes allow it (else 4,
+  2, then single elements): the gather then moves a word per index, not a 2-byte element.
 - Key t of sequence b is read from row min(t, position_b). Keys past a sequence's position are masked
   out; pointing them at its own newest row keeps them finite (0 * NaN is NaN) without zeroing anything.
 - Shapes are static per (batch bucket, key bucket): the batch is rounded up to a power of two, the
@@ -86,18 +88,18 @@ class BatchCache(Cache):
     """The transformers Cache of a batched step: writes each sequence's new row, returns every
     sequence's keys and values [B, kv_heads, L, head_dim] gathered from the Data segment."""
 
-    def __init__(self, layout: ArenaLayout) -> None:
+    def __init__(self, layout: ArenaLayout, word: torch.dtype) -> None:
         super().__init__(layers=[_BatchLayer(self, i) for i in range(layout.n_layers)])
-        self.kv_heads, self.head_dim = layout.n_kv_heads, layout.head_dim
-        self.width = 2 * layout.n_kv_heads * layout.head_dim  # one layer's K and V in a token's row
+        self.kv_heads, self.head_dim, self.dtype, self.word = layout.n_kv_heads, layout.head_dim, layout.dtype, word
+        self.width = 2 * layout.n_kv_heads * layout.head_dim * layout.dtype.itemsize // word.itemsize  # in words
         self._flat: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._read: torch.Tensor | None = None
         self._write: torch.Tensor | None = None
 
     def bind(self, flat: torch.Tensor, rows: torch.Tensor, read: torch.Tensor, write: torch.Tensor) -> None:
-        """`flat`: the segment's elements; `rows`: its overlapping [n, width] view; `read` [B, L] and
-        `write` [B * width] element offsets of layer 0's keys to read and of the new rows to write."""
+        """`flat`: the segment's words; `rows`: its overlapping [n, width] view; `read` [B, L] and
+        `write` [B * width] word offsets of layer 0's keys to read and of the new rows to write."""
         self._flat, self._rows, self._read, self._write = flat, rows, read, write
 
     def unbind(self) -> None:
@@ -111,8 +113,8 @@ class BatchCache(Cache):
         b, h, d = key_states.shape[0], self.kv_heads, self.head_dim
         shift = layer_idx * self.width
         new = torch.cat((key_states.reshape(b, h * d), value_states.reshape(b, h * d)), dim=1)
-        flat.index_copy_(0, write + shift, new.reshape(-1))
-        kv = rows[read + shift]  # [B, L, width]: K then V of every key
+        flat.index_copy_(0, write + shift, new.view(self.word).reshape(-1))
+        kv = rows[read + shift].view(self.dtype)  # [B, L, 2 * h * d]: K then V of every key
         keys = kv[:, :, : h * d].unflatten(2, (h, d)).transpose(1, 2)
         values = kv[:, :, h * d :].unflatten(2, (h, d)).transpose(1, 2)
         return keys, values
@@ -125,6 +127,18 @@ class BatchCache(Cache):
         return False
 
 
+def _word(layout: ArenaLayout) -> torch.dtype:
+    """The widest integer type (8, 4 or 2 bytes, none narrower than the model dtype) whose size divides
+    a token's row and one layer's K: every offset is then a whole number of words (arenas start on
+    256-byte boundaries). The model dtype itself when none does."""
+    item = layout.dtype.itemsize
+    row, half = layout.row_elems * item, layout.n_kv_heads * layout.head_dim * item
+    for word in (torch.int64, torch.int32, torch.int16):
+        if word.itemsize >= item and row % word.itemsize == 0 and half % word.itemsize == 0:
+            return word
+    return layout.dtype
+
+
 class BatchDecoder:
     """Batched decode steps for one model (see the module rules). Used on the device worker thread only."""
 
@@ -132,8 +146,10 @@ class BatchDecoder:
         if use_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.arch, self.layout, self.device, self.use_graphs = arch, layout, device, use_graphs
-        self.cache = BatchCache(layout)
-        self.row_elems = layout.row_elems
+        self.word = _word(layout)
+        self.per_word = self.word.itemsize // layout.dtype.itemsize  # model-dtype elements per word
+        self.cache = BatchCache(layout, self.word)
+        self.row_words = layout.row_elems // self.per_word
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool: Any = None
         self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
@@ -141,7 +157,7 @@ class BatchDecoder:
         self._flat: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._cap = 0  # rows of the input buffers
-        self._inputs: torch.Tensor | None = None  # [3, cap] long: token, position, base element offset
+        self._inputs: torch.Tensor | None = None  # [3, cap] long: token, position, base word offset
         self._staging: torch.Tensor | None = None  # its host twin (page-locked on CUDA)
         # Graphs read these buffers by address, so they are made once, large enough for every step:
         # the key positions of the largest key bucket, and the offsets of one layer's K and V in a row.
@@ -201,7 +217,10 @@ class BatchDecoder:
         for v in views:
             if v.rows.untyped_storage().data_ptr() != storage[0]:  # type: ignore[index]
                 raise ValueError("batched decode needs every arena in one storage (the Data segment)")
-            bases.append(v.rows.storage_offset())
+            base, odd = divmod(v.rows.storage_offset(), self.per_word)
+            if odd:
+                raise ValueError(f"batched decode needs arenas aligned to {self.word.itemsize} bytes")
+            bases.append(base)
         n, size = len(states), batch_bucket(len(states))
         self._ensure_inputs(size)
         assert self._inputs is not None and self._staging is not None
@@ -226,14 +245,14 @@ class BatchDecoder:
         return logits
 
     def _segment(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat and the overlapping row view of the storage `rows` lives in; made once per storage."""
+        """The flat and the overlapping row views, in words, of the storage `rows` lives in; made once per storage."""
         storage = rows.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key != self._storage:
-            numel = storage.nbytes() // rows.element_size()
+            words = storage.nbytes() // self.word.itemsize
             width = self.cache.width
-            self._flat = torch.as_strided(rows, (numel,), (1,), 0)
-            self._rows = torch.as_strided(rows, (numel - width + 1, width), (1, 1), 0)
+            self._flat = torch.empty(0, dtype=self.word, device=self.device).set_(storage, 0, (words,), (1,))
+            self._rows = torch.as_strided(self._flat, (words - width + 1, width), (1, 1), 0)
             self.graphs.clear()  # they address the old storage
             self.pool = None
             self._storage = key
@@ -251,12 +270,12 @@ class BatchDecoder:
         self.pool = None
 
     def _body(self, flat: torch.Tensor, rows: torch.Tensor, size: int, keys: int) -> torch.Tensor:
-        arch, inputs, row_elems = self.arch, self._inputs, self.row_elems
+        arch, inputs, row = self.arch, self._inputs, self.row_words
         assert inputs is not None and keys <= self._arange.numel()
         ids, pos, base = inputs[0, :size].view(size, 1), inputs[1, :size].view(size, 1), inputs[2, :size].view(size, 1)
         k = self._arange[:keys].view(1, keys)
-        read = base + torch.minimum(k, pos) * row_elems  # [B, L]
-        write = (base + pos * row_elems + self._arange[: self.cache.width].view(1, -1)).reshape(-1)
+        read = base + torch.minimum(k, pos) * row  # [B, L]
+        write = (base + pos * row + self._arange[: self.cache.width].view(1, -1)).reshape(-1)
         masks = arch.batch_masks(pos, k, self.layout.dtype)
         hidden = arch.embed(ids, pos)
         ctx = arch.context(hidden, pos)

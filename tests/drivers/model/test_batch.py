@@ -13,7 +13,8 @@ import torch
 
 from djinn.drivers.errors import BadArgument, Busy
 from djinn.drivers.model import LoadedModel
-from djinn.drivers.model.batch import BatchDecoder, batch_bucket
+from djinn.drivers.model.batch import BatchDecoder, _word, batch_bucket
+from djinn.drivers.model.cache import ArenaLayout
 from djinn.drivers.vmu import VMU
 from tests.drivers.model.conftest import new_state
 from tests.fakes import TINY_KINDS
@@ -173,3 +174,26 @@ def test_model_stat_counts_batched_steps(fresh_model, vmu):
     in_batches(model, states_in(vmu, model, 4), PROMPTS[:4], 3)
     st = model.stat()["batched_decode"]
     assert st["steps"] == 2 and st["sequences"] == 8
+
+
+@pytest.mark.parametrize("dims,dtype,word", [
+    ((2, 2, 16, 64), torch.bfloat16, torch.int64),  # the usual shapes: 8-byte words
+    ((1, 1, 3, 5), torch.bfloat16, torch.int16),  # a 22-byte row: 2-byte words
+    ((1, 1, 3, 5), torch.float32, torch.int32),  # a 44-byte row: 4-byte words
+])
+def test_offsets_count_the_widest_word_the_layout_allows(dims, dtype, word):
+    assert _word(ArenaLayout(*dims, dtype)) == word
+
+
+def test_a_layout_with_odd_rows_decodes_in_batches(vmu, tmp_path):
+    """Head size 6 and hidden 30 in bfloat16 give 2-byte words; the batch still matches each alone."""
+    from djinn.drivers.model import load_model
+    from tests.fakes import save_tiny
+
+    path = save_tiny("llama", tmp_path / "odd", hidden_size=30, num_attention_heads=5, num_key_value_heads=1,
+                     head_dim=6, intermediate_size=40)
+    model = load_model(str(path), dtype="bfloat16")
+    assert BatchDecoder(model.arch, model.layout, model.device, False).word in (torch.int16, torch.int32)
+    states = states_in(vmu, model, 3)
+    got = in_batches(model, states, PROMPTS[:3], 6)
+    assert got == [alone(model, p, 6) for p in PROMPTS[:3]]
