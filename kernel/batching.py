@@ -9,7 +9,11 @@ cost little more together than one alone (drivers/model/batch.py). Rules:
 - The call groups its steps by model. Generations between decode steps (`batchable`) go through
   `model.decode_batch`; the rest (a prefill, a steered or paused session, a group of one) run alone
   with `next()`, each on its session's stream, as every step did before. If a batched pass fails,
-  its steps run alone again, so each session gets its own outcome (nothing was committed).
+  its steps run alone again, so each session gets its own outcome (nothing was committed); a
+  sampling failure after the pass is that session's outcome alone.
+- A group is cut into passes in order of position, so sequences of like length run together, each
+  pass at most `max_batch` steps and at most the Stack budget by `model.batch_nbytes` (a pass of
+  one is a lone step).
 - A step whose request was cancelled before the call started is skipped.
 - The session bookkeeping around a step (page-in, RUNNING, busy) is the caller's: Kernel.decode_step.
 - Outcomes go back to the loop in one `call_soon_threadsafe` per pass, not one per step.
@@ -40,8 +44,12 @@ class _Step:
 class DecodeBatcher:
     """One per kernel. `await step(model, gen, stream)` is `next(gen, None)` on the worker, batched."""
 
-    def __init__(self, worker: DeviceWorker, runner: Runner, max_batch: int) -> None:
+    def __init__(self, worker: DeviceWorker, runner: Runner, max_batch: int, *,
+                 budget: Callable[[], int | None] = lambda: None, stream_of: Callable[[Any], Any] = lambda i: None
+                 ) -> None:
+        """`budget()`: the Stack budget in bytes (None: no limit); `stream_of(index)`: a session's stream."""
         self._worker, self._runner, self.max_batch = worker, runner, max_batch
+        self._budget, self._stream_of = budget, stream_of
         self._lock = threading.Lock()  # the queue and the flag are shared with the worker thread
         self._queue: list[_Step] = []
         self._posted = False  # a call is queued on the worker that has not yet taken the steps
@@ -89,8 +97,8 @@ class DecodeBatcher:
                 else:
                     outcomes.append(self._alone(st))
             for group in groups.values():
-                for i in range(0, len(group), self.max_batch):
-                    outcomes.extend(self._together(group[i : i + self.max_batch]))
+                for chunk in self._passes(group):
+                    outcomes.extend(self._together(chunk))
         except BaseException as exc:  # noqa: BLE001 - a bug here must not leave a step waiting forever
             answered = {id(f) for f, _, _ in outcomes}
             outcomes.extend((st.future, False, exc) for st in steps if id(st.future) not in answered)
@@ -107,18 +115,37 @@ class DecodeBatcher:
         except BaseException as exc:  # noqa: BLE001 - crosses back to the awaiting step
             return st.future, False, exc
 
+    def _passes(self, group: list[_Step]) -> list[list[_Step]]:
+        """The group cut into passes: by position, at most max_batch each, each within the Stack budget."""
+        group = sorted(group, key=lambda st: st.gen.state.position)
+        budget = self._budget()
+        model = group[0].model
+        out: list[list[_Step]] = []
+        chunk: list[_Step] = []
+        for st in group:
+            grown = len(chunk) + 1
+            if chunk and (grown > self.max_batch or (
+                    budget is not None and model.batch_nbytes(grown, st.gen.state.position) > budget)):
+                out.append(chunk)
+                chunk = []
+            chunk.append(st)
+        out.append(chunk)
+        return out
+
     def _together(self, chunk: list[_Step]) -> list[tuple[asyncio.Future[Any], bool, Any]]:
         if len(chunk) == 1:
             return [self._alone(chunk[0])]
         try:
-            ids = self._runner(chunk[0].stream, chunk[0].model.decode_batch, [st.gen for st in chunk])
+            streams = [self._stream_of(st.stream) for st in chunk]
+            ids = self._runner(chunk[0].stream, chunk[0].model.decode_batch, [st.gen for st in chunk], streams)
+            outcomes = [(st.future, not isinstance(tok, BaseException), tok) for st, tok in zip(chunk, ids, strict=True)]
         except BaseException:  # noqa: BLE001 - nothing was committed: each step runs alone, with its own outcome
             self.fallbacks += 1
             return [self._alone(st) for st in chunk]
         self.batches += 1
         self.batched_steps += len(chunk)
         self.largest = max(self.largest, len(chunk))
-        return [(st.future, True, tok) for st, tok in zip(chunk, ids)]
+        return outcomes
 
 
 def _deliver(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -56,7 +56,9 @@ class Kernel:
         self.memory = Memory(self)
         self.models = ModelRegistry(self)
         self.execute = Execute(self)
-        self.batcher = DecodeBatcher(self.worker, self._in_scope, config.decode_batch)
+        self.batcher = DecodeBatcher(self.worker, self._in_scope, config.decode_batch,
+                                     budget=lambda: self.memory.vmu.stack_budget_nbytes,
+                                     stream_of=lambda index: self.memory.streams.stream(index))
         self._reclaim: dict[str, asyncio.TimerHandle] = {}
 
     # -- life cycle ---------------------------------------------------------------

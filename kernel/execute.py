@@ -115,15 +115,20 @@ class Execute:
         if s.paused_at is not None:
             raise EBUSY(f"session {s.id} is paused at layer {s.paused_at}; resume it first")
         ids = self._ids(model, s, input_ids)
+        made: list[Any] = []  # the generation, as soon as it exists: closed below whatever happens next
 
-        def start() -> tuple[Any, int | None]:  # the checks, then the prefill and the first id, in one call
+        def start() -> int | None:  # the checks, then the prefill and the first id, in one call
             gen = model.generate(s.seq, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                  stop_ids=tuple(stop))
-            return gen, next(gen, None)
+            made.append(gen)
+            return next(gen, None)
 
-        steps, token = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", start))
+        if peer.closed:
+            raise ECANCELED("generate: the client went away")
         tok = model.tokenizer
         try:
+            token = await self.k.on_device(s, self._admitted(model, s, len(ids), "forward", start))
+            steps = made[0]
             while token is not None:
                 item: dict[str, Any] = {"token": int(token), "position": s.tokens}
                 if tok is not None:
@@ -133,8 +138,10 @@ class Execute:
                     raise ECANCELED("generate: the client went away")
                 token = await self.k.decode_step(s, model, steps)
         finally:
-            # A generation stopped early (cancelled, client gone) leaves the state consistent.
-            await self.k.on_stream(s, steps.close)
+            # A generation stopped early (cancelled, client gone, even during its prefill) leaves the state
+            # consistent. The close is queued on the worker behind the call that makes the generation, so
+            # it finds it there even when this task was cancelled while that call ran.
+            await self.k.on_stream(s, _close_first, made)
 
     async def set_steering(self, s: Session, layer: int, op: str, value: Any) -> dict[str, Any]:
         model = self._model(s)
@@ -160,6 +167,11 @@ class Execute:
             return out
         parts = encode_reply(reply_to.id, out, limits=self.k.limits)
         return EncodedReply(reply_to.id, parts, reply_to.peer.send_now(reply_to.id, parts))
+
+
+def _close_first(made: list[Any]) -> None:
+    if made:
+        made[0].close()
 
 
 def _result(r: Any) -> dict[str, Any]:

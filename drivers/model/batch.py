@@ -18,8 +18,8 @@ Rules:
   padding rows repeating the first sequence (they write its row with the same values), and the keys
   to a power of two >= MIN_BUCKET. On CUDA, with `use_graphs`, each pair is captured once as a graph
   and replayed. All of a model's batch graphs share one memory pool and replay on one stream of the
-  decoder's own, which waits for each sequence's current stream before a step; each sequence's stream
-  waits for it after.
+  decoder's own, which waits before a step for the caller's stream, the streams the caller names and
+  the stream each arena was last used on; all of those wait for it after.
 - Nothing is committed until the pass has run: a failure leaves every state as it was (a row past a
   position may hold partial K/V, which nothing reads).
 - Sequences with steering are not batched (their per-layer ops differ): `batchable()` says so, and
@@ -178,10 +178,21 @@ class BatchDecoder:
         self._storage = self._flat = self._rows = None
 
     # -- the step ---------------------------------------------------------------------------------
-    def step(self, states: Sequence[SeqState], tokens: Sequence[int]) -> torch.Tensor:
+    @staticmethod
+    def transient_nbytes(layout: ArenaLayout, n_heads: int, vocab: int, n: int, max_position: int) -> int:
+        """About the most device memory one pass allocates besides the weights and the arenas: per layer the
+        gathered K/V [B, L, width], attention's copy of them with every query head [B, heads, L, head_dim]
+        twice, the offsets, and the logits [B, vocab] (float32). B and L are the buckets the pass runs at."""
+        b, keys, item = batch_bucket(n), _key_bucket(max_position + 1), layout.dtype.itemsize
+        width = 2 * layout.n_kv_heads * layout.head_dim
+        per_key = (width + 2 * n_heads * layout.head_dim) * item + 2 * 8
+        return b * keys * per_key + b * vocab * 4 + b * layout.hidden * item * 8
+
+    def step(self, states: Sequence[SeqState], tokens: Sequence[int], streams: Sequence[Any] = ()) -> torch.Tensor:
         """Run `tokens[b]` at `states[b].position` for every b; commit them; return float32 logits [B, vocab]
-        (valid until the next step; on CUDA, ordered on the caller's current stream). The states are
-        distinct, batchable and share one arena storage; the caller checked their room and ownership."""
+        (valid until the next step; on CUDA, ordered on the caller's current stream and on `streams`). The
+        states are distinct, batchable and share one arena storage; the caller checked their room and
+        ownership."""
         n = len(states)
         positions = [s.position for s in states]
         stream = self.stream
@@ -189,10 +200,12 @@ class BatchDecoder:
             logits = self._run(states, tokens, positions)
         else:
             callers = {torch.cuda.current_stream(self.device)}
-            for s in states:  # the stream each arena was last used on (its session's)
+            callers.update(c for c in streams if c is not None)  # where the sessions' later work runs
+            for s in states:  # where compute last used each arena
                 last = getattr(s.arena, "compute_stream", None)
                 if last is not None:
                     callers.add(last)
+            callers.discard(stream)
             for c in callers:
                 stream.wait_stream(c)
             with torch.cuda.stream(stream):

@@ -245,12 +245,14 @@ class LoadedModel:
         gen = make_generator(self.device, seed) if temp > 0.0 else None
         return Generation(self, state, _after_unfed(state, ids), n, temp, top_p, gen, stops)
 
-    def decode_batch(self, gens: Sequence[Generation]) -> list[int]:
+    def decode_batch(self, gens: Sequence[Generation], streams: Sequence[Any] = ()) -> list[int | Exception]:
         """One decode step for each of `gens` (generations of distinct states of this model, each
-        `batchable`) in one batched pass over the weights; returns each one's next id, in order.
+        `batchable`) in one batched pass over the weights; returns, in order, each one's next id, or the
+        exception its sampling raised (that generation is then closed, as a failed `next()` leaves it).
 
-        Checks everything first (BadArgument, Busy, NotFound). If the pass itself fails, nothing is
-        committed and every generation stays open, so the caller may step them one by one instead."""
+        Checks everything first (BadArgument, Busy, NotFound). If the pass itself raises, nothing is
+        committed and every generation stays open, so the caller may step them one by one instead.
+        CUDA: `streams` are the streams the sessions' later work runs on; they are ordered after the pass."""
         self._alive()
         states = [g.state for g in gens]
         if not gens or len({id(s) for s in states}) != len(states):
@@ -262,15 +264,25 @@ class LoadedModel:
                 raise Busy("decode_batch: a generation is not between decode steps, or its state is paused, "
                            "steered or paged out")
             g._check_step()
-        if len(gens) == 1:
-            return [next(gens[0])]
         batcher = self._batcher
         graphs = self.decode_mode == "graph"
         if batcher is None or batcher.use_graphs != graphs:
             batcher = self._batcher = BatchDecoder(self.arch, self.layout, self.device, graphs)
         with torch.inference_mode():
-            logits = batcher.step(states, [g._last for g in gens])
-            return [g._take(row) for g, row in zip(gens, logits)]
+            logits = batcher.step(states, [g._last for g in gens], streams)
+            out: list[int | Exception] = []
+            for g, row in zip(gens, logits, strict=True):
+                try:
+                    out.append(g._take(row))
+                except Exception as exc:  # noqa: BLE001 - this generation's own failure, after the commit
+                    g.close()
+                    out.append(exc)
+            return out
+
+    def batch_nbytes(self, n: int, max_position: int) -> int:
+        """About the most transient device memory a batched pass of `n` sequences allocates when the
+        longest is at `max_position` (see BatchDecoder.transient_nbytes)."""
+        return BatchDecoder.transient_nbytes(self.layout, self.n_heads, self.vocab_size, n, max_position)
 
     def _prefill(self, state: SeqState, ids: list[int] | torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

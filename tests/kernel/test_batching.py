@@ -17,9 +17,15 @@ from djinn.kernel.errors import ECANCELED, EIO, ENOMEM
 from djinn.kernel.worker import DeviceWorker
 
 
+class FakeState:
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
 class FakeGen:
-    def __init__(self, name: str, ids: list[int], batchable: bool = True) -> None:
+    def __init__(self, name: str, ids: list[int], batchable: bool = True, position: int = 0) -> None:
         self.name, self._ids, self._batchable = name, list(ids), batchable
+        self.state = FakeState(position)
 
     @property
     def batchable(self) -> bool:
@@ -32,15 +38,23 @@ class FakeGen:
 
 
 class FakeModel:
-    def __init__(self, fail: BaseException | None = None) -> None:
-        self.batches: list[list[str]] = []
-        self.fail = fail
+    """decode_batch records each pass; `fail` fails the whole pass, `bad` names generations whose
+    sampling fails after it; a pass needs `per_seq` bytes per sequence (batch_nbytes)."""
 
-    def decode_batch(self, gens: list[FakeGen]) -> list[int]:
+    def __init__(self, fail: BaseException | None = None, bad: tuple[str, ...] = (), per_seq: int = 0) -> None:
+        self.batches: list[list[str]] = []
+        self.streams: list[list[Any]] = []
+        self.fail, self.bad, self.per_seq = fail, bad, per_seq
+
+    def decode_batch(self, gens: list[FakeGen], streams: list[Any] = ()) -> list[Any]:
         self.batches.append([g.name for g in gens])
+        self.streams.append(list(streams))
         if self.fail is not None:
             raise self.fail
-        return [next(g) for g in gens]
+        return [ValueError(f"sampling {g.name}") if g.name in self.bad else next(g) for g in gens]
+
+    def batch_nbytes(self, n: int, max_position: int) -> int:
+        return n * self.per_seq
 
 
 def runner(calls: list[Any]):
@@ -79,6 +93,7 @@ async def test_steps_that_wait_together_run_as_one_batch_per_model(worker):
     assert out == [10, 11, 12, 99, 13, 14]
     assert m1.batches == [["g0", "g2", "g4"]] and m2.batches == [["g1", "g3"]]
     assert sorted(streams) == [0, 1, 3]  # the prefill on its own stream; each batch on its first step's
+    assert m1.streams == [[None, None, None]]  # stream_of (none here) of every step in the pass
     assert b.snapshot() == {"max_batch": 8, "passes": 1, "steps": 6, "batched_steps": 5, "batches": 2,
                             "largest": 3, "fallbacks": 0}
 
@@ -144,3 +159,21 @@ async def test_a_stopped_worker_refuses_steps(worker):
     with pytest.raises(ECANCELED):
         await b.step(FakeModel(), FakeGen("a", [1]), None)
     assert b.snapshot()["passes"] == 0
+
+
+async def test_a_sampling_failure_after_the_pass_is_that_steps_alone(worker):
+    m = FakeModel(bad=("b",))
+    b = DecodeBatcher(worker, runner([]), max_batch=8)
+    out = await gated(worker, b, [(m, FakeGen(n, [i]), None) for i, n in enumerate("abc")])
+    assert out[0] == 0 and isinstance(out[1], EIO) and out[2] == 2
+    assert m.batches == [["a", "b", "c"]] and b.snapshot()["fallbacks"] == 0
+
+
+async def test_passes_follow_position_and_the_stack_budget(worker):
+    m = FakeModel(per_seq=100)
+    b = DecodeBatcher(worker, runner([]), max_batch=8, budget=lambda: 250, stream_of=lambda i: f"stream{i}")
+    gens = [FakeGen(f"g{p}", [p], position=p) for p in (40, 10, 30, 20, 50)]
+    out = await gated(worker, b, [(m, g, i) for i, g in enumerate(gens)])
+    assert out == [40, 10, 30, 20, 50]
+    assert m.batches == [["g10", "g20"], ["g30", "g40"]]  # two fit 250 bytes; g50 is left alone
+    assert m.streams == [["stream1", "stream3"], ["stream2", "stream0"]]

@@ -111,3 +111,36 @@ def test_decode_batch_1_runs_every_step_alone(models):
         assert batching["max_batch"] == 1 and batching["batches"] == 0 and batching["steps"] > 0
     finally:
         d.stop()
+
+
+def test_a_client_gone_during_the_prefill_leaves_its_session_usable(models):
+    """The prefill runs in the call that makes the generation; a client that goes away while it runs
+    must not leave the state reserved: reconnected within the grace period, the session generates."""
+    d = LiveDaemon(daemon_config(grace_s=30.0)).start()
+    try:
+        with djinn.connect(d.path) as k:
+            k.load_model(models["gpt2"], name="m")
+        model = d.kernel.models.get("m").model
+        entered, release = threading.Event(), threading.Event()
+        real = model._prefill
+
+        def slow_prefill(state, ids):
+            entered.set()
+            release.wait(10)
+            return real(state, ids)
+
+        model._prefill = slow_prefill
+        k1 = djinn.connect(d.path)
+        s = k1.open_session("m", max_tokens=64)
+        k1.submit("generate", session=s.id, input_ids=PROMPTS[0], max_new_tokens=4)
+        assert entered.wait(10)
+        k1.close()  # gone while the prefill runs
+        time.sleep(0.2)
+        release.set()
+        model._prefill = real
+        with djinn.connect(d.path) as k2:
+            again = k2.session(s.id).generate(PROMPTS[1], max_new_tokens=4)
+            assert len(again) == 4
+            k2.session(s.id).close()
+    finally:
+        d.stop()

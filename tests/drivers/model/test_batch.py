@@ -61,8 +61,9 @@ def test_batched_ids_match_each_session_alone(tiny, vmu, kind):
         assert s.position == len(p) + 11 and s.unfed_ids == [got[prompts.index(p)][-1]]
 
 
-def test_batched_logits_and_cache_rows_match_single_steps(tiny, vmu):
-    model = tiny("llama")
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_batched_logits_and_cache_rows_match_single_steps(tiny, vmu, kind):
+    model = tiny(kind)
     states, refs = states_in(vmu, model, 5), [new_state(model, 96) for _ in range(5)]
     for s, r, p in zip(states, refs, PROMPTS):
         model.forward(s, p)
@@ -164,8 +165,40 @@ def test_paged_out_or_paused_states_are_not_batchable(tiny, vmu):
     s0.paused_at = 0  # what a pause would leave (never during a generate: only the flag is checked here)
     assert not g.batchable
     s0.paused_at = None
+    vmu.page_out(s0.arena).wait()
+    vmu.poll()
+    assert s0.arena.residency == "host" and not g.batchable
+    vmu.page_in(s0.arena).wait()
+    vmu.poll()
+    assert g.batchable
     g.close()
     assert not g.batchable and not s0.generating
+
+
+def test_a_sampling_failure_after_the_pass_is_that_generations_alone(tiny, vmu, monkeypatch):
+    """The pass commits every state; a row whose sampling then fails closes its own generation only."""
+    from djinn.drivers.model import model as model_module
+
+    model = tiny("gpt2")
+    states = states_in(vmu, model, 3)
+    gens = [model.generate(s, p, 5) for s, p in zip(states, PROMPTS)]
+    for g in gens:
+        next(g)
+    positions = [s.position for s in states]
+    real, calls = model_module.sample, []
+
+    def flaky(logits, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("sampling failed (test)")
+        return real(logits, *a)
+
+    monkeypatch.setattr(model_module, "sample", flaky)
+    out = model.decode_batch(gens)
+    assert isinstance(out[0], int) and isinstance(out[1], RuntimeError) and isinstance(out[2], int)
+    assert [s.position for s in states] == [p + 1 for p in positions]
+    assert gens[0].batchable and not gens[1].batchable and gens[2].batchable
+    assert not states[1].generating and states[1].unfed_ids == []
 
 
 def test_model_stat_counts_batched_steps(fresh_model, vmu):
@@ -197,3 +230,11 @@ def test_a_layout_with_odd_rows_decodes_in_batches(vmu, tmp_path):
     states = states_in(vmu, model, 3)
     got = in_batches(model, states, PROMPTS[:3], 6)
     assert got == [alone(model, p, 6) for p in PROMPTS[:3]]
+
+
+def test_a_pass_estimates_its_transient_memory_by_its_buckets(tiny):
+    model = tiny("llama")
+    one_layer_gather = 8 * 1024 * 2 * model.n_kv_heads * model.head_dim * model.dtype.itemsize
+    assert model.batch_nbytes(8, 1000) > one_layer_gather
+    assert model.batch_nbytes(5, 1000) == model.batch_nbytes(8, 1000)  # both run at batch 8, keys 1024
+    assert model.batch_nbytes(2, 1000) < model.batch_nbytes(8, 1000) < model.batch_nbytes(8, 1100)

@@ -164,7 +164,7 @@ def test_batched_graph_decode_matches_lone_eager_steps_fp32(long_dirs, kind):
         for step in range(300):
             live = [i for i in range(4) if step < 150 or i != 2]
             with torch.cuda.stream(streams[live[0]]):
-                got = model.decode_batch([gens[i] for i in live])
+                got = model.decode_batch([gens[i] for i in live], [streams[i] for i in live])
             for i, tok in zip(live, got):
                 want = ref.forward(refs[i], [tokens[i]]).logits
                 assert tok == int(torch.argmax(want)), f"session {i}, step {step}"
