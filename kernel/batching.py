@@ -138,7 +138,8 @@ class DecodeBatcher:
         try:
             streams = [self._stream_of(st.stream) for st in chunk]
             ids = self._runner(chunk[0].stream, chunk[0].model.decode_batch, [st.gen for st in chunk], streams)
-            outcomes = [(st.future, not isinstance(tok, BaseException), tok) for st, tok in zip(chunk, ids, strict=True)]
+            outcomes = [(st.future, not isinstance(tok, BaseException), tok)
+                        for st, tok in zip(chunk, ids, strict=True)]
         except BaseException:  # noqa: BLE001 - nothing was committed: each step runs alone, with its own outcome
             self.fallbacks += 1
             return [self._alone(st) for st in chunk]
