@@ -238,3 +238,30 @@ def test_a_pass_estimates_its_transient_memory_by_its_buckets(tiny):
     assert model.batch_nbytes(8, 1000) > one_layer_gather
     assert model.batch_nbytes(5, 1000) == model.batch_nbytes(8, 1000)  # both run at batch 8, keys 1024
     assert model.batch_nbytes(2, 1000) < model.batch_nbytes(8, 1000) < model.batch_nbytes(8, 1100)
+
+
+def test_an_arena_moved_between_batched_steps_is_found_where_it_went(tiny, vmu):
+    """Offsets are inputs of every pass, not baked in: paged out, its old range taken, paged in elsewhere,
+    a session goes on decoding in batches token for token."""
+    model = tiny("llama")
+    states = states_in(vmu, model, 3)
+    gens = [model.generate(s, p, 12) for s, p in zip(states, PROMPTS)]
+    out = [[next(g)] for g in gens]
+    for _ in range(4):
+        for i, tok in enumerate(model.decode_batch(gens)):
+            out[i].append(tok)
+    arena = states[1].arena
+    old = arena.offset
+    vmu.page_out(arena).wait()
+    vmu.poll()
+    squatter = vmu.alloc_arena("squatter", arena.nbytes)
+    assert squatter.offset == old
+    squatter.bytes().fill_(0xFF)
+    vmu.page_in(arena).wait()
+    vmu.poll()
+    assert arena.offset != old
+    while live := [i for i, g in enumerate(gens) if g.batchable]:
+        for i, tok in zip(live, model.decode_batch([gens[i] for i in live])):
+            out[i].append(tok)
+    assert out == [alone(model, p, 12) for p in PROMPTS[:3]]
+    vmu.free_arena(squatter)
