@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .worker import DeviceWorker, _set_exception, _set_result, settled
+from .worker import DeviceWorker, set_exception, set_result, settled
 
 __all__ = ["DecodeBatcher"]
 
@@ -151,4 +151,4 @@ class DecodeBatcher:
 
 def _deliver(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for future, ok, value in outcomes:
-        (_set_result if ok else _set_exception)(future, value)
+        (set_result if ok else set_exception)(future, value)

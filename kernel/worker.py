@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from .errors import ECANCELED, EIO, ENOMEM, KernelError, error_class
 
-__all__ = ["DeviceWorker", "settled", "to_kernel_error"]
+__all__ = ["DeviceWorker", "set_exception", "set_result", "settled", "to_kernel_error"]
 
 log = logging.getLogger("djinn.worker")
 T = TypeVar("T")
@@ -84,9 +84,9 @@ class DeviceWorker:
                 continue
             t0 = now()
             try:
-                outcome, setter = fn(*args), _set_result
+                outcome, setter = fn(*args), set_result
             except BaseException as exc:  # noqa: BLE001 - crosses back to the awaiting task
-                outcome, setter = exc, _set_exception
+                outcome, setter = exc, set_exception
             # Counted before the hand-back, so the awaiting task sees its own call in the figures.
             self.busy_s += now() - t0
             self.calls += 1
@@ -140,12 +140,13 @@ async def settled(future: asyncio.Future[T], fn: Any) -> T:
         raise err from exc
 
 
-def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+def set_result(future: asyncio.Future[Any], value: Any) -> None:
+    """On the loop: the outcome of a worker call, unless its awaiter is gone (cancelled)."""
     if not future.done():
         future.set_result(value)
 
 
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+def set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         if isinstance(exc, StopIteration) or not isinstance(exc, Exception):
             # asyncio refuses StopIteration, and a SystemExit or the like re-raised in the loop

@@ -35,25 +35,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .arch import Arch
 from .cache import ArenaLayout
-from .graphs import MIN_BUCKET
+from .graphs import capture_graph, key_bucket
+from .plans import bucket_up
 from .state import SeqState
 
-__all__ = ["BatchCache", "BatchDecoder", "batch_bucket"]
+__all__ = ["BatchCache", "BatchDecoder"]
 
 
 MIN_INPUT_ROWS = 64  # the input buffers' first size: growing them drops every captured graph
-
-
-def batch_bucket(n: int) -> int:
-    """The static batch size a step of `n` sequences runs at: the next power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
-
-
-def _key_bucket(need: int) -> int:
-    b = MIN_BUCKET
-    while b < need:
-        b *= 2
-    return b
 
 
 class _BatchLayer(CacheLayerMixin):
@@ -161,7 +150,7 @@ class BatchDecoder:
         self._staging: torch.Tensor | None = None  # its host twin (page-locked on CUDA)
         # Graphs read these buffers by address, so they are made once, large enough for every step:
         # the key positions of the largest key bucket, and the offsets of one layer's K and V in a row.
-        self._arange = torch.arange(max(_key_bucket(arch.max_positions), self.cache.width), device=device)
+        self._arange = torch.arange(max(key_bucket(arch.max_positions), self.cache.width), device=device)
         self._copied: Any = None  # CUDA event: the inputs' copy out of the staging buffer is done
         self.steps = self.sequences = self.captures = self.replays = 0
 
@@ -182,8 +171,10 @@ class BatchDecoder:
     def transient_nbytes(layout: ArenaLayout, n_heads: int, vocab: int, n: int, max_position: int) -> int:
         """About the most device memory one pass allocates besides the weights and the arenas: per layer the
         gathered K/V [B, L, width], attention's copy of them with every query head [B, heads, L, head_dim]
-        twice, the offsets, and the logits [B, vocab] (float32). B and L are the buckets the pass runs at."""
-        b, keys, item = batch_bucket(n), _key_bucket(max_position + 1), layout.dtype.itemsize
+        twice, the offsets, and the logits [B, vocab] (float32), plus an allowance of 8 hidden-sized
+        temporaries per row (a layer's MLP makes a few more, which are small beside the keys). B and L are
+        the buckets the pass runs at."""
+        b, keys, item = bucket_up(n), key_bucket(max_position + 1), layout.dtype.itemsize
         width = 2 * layout.n_kv_heads * layout.head_dim
         per_key = (width + 2 * n_heads * layout.head_dim) * item + 2 * 8
         return b * keys * per_key + b * vocab * 4 + b * layout.hidden * item * 8
@@ -234,7 +225,7 @@ class BatchDecoder:
             if odd:
                 raise ValueError(f"batched decode needs arenas aligned to {self.word.itemsize} bytes")
             bases.append(base)
-        n, size = len(states), batch_bucket(len(states))
+        n, size = len(states), bucket_up(len(states))
         self._ensure_inputs(size)
         assert self._inputs is not None and self._staging is not None
         pad = size - n
@@ -242,7 +233,7 @@ class BatchDecoder:
             self._copied.synchronize()  # the last step's copy has read the staging buffer
         self._staging[:, :size].copy_(torch.tensor(
             [list(tokens) + [tokens[0]] * pad, positions + [positions[0]] * pad, bases + [bases[0]] * pad]))
-        keys = _key_bucket(max(positions) + 1)
+        keys = key_bucket(max(positions) + 1)
         self._inputs[:, :size].copy_(self._staging[:, :size], non_blocking=True)
         if self.stream is None:
             return self._body(flat, rows, size, keys)
@@ -303,9 +294,7 @@ class BatchDecoder:
     def _capture(self, flat: torch.Tensor, rows: torch.Tensor, size: int, keys: int) -> tuple[Any, torch.Tensor]:
         """Warm up once on the current (the decoder's) stream, then capture; rows rewritten with the same values."""
         self._body(flat, rows, size, keys)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            out = self._body(flat, rows, size, keys)
+        graph, out = capture_graph(lambda: self._body(flat, rows, size, keys), self.pool, self.stream)
         if self.pool is None:
             self.pool = graph.pool()
         self.captures += 1

@@ -21,16 +21,32 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .arch import Arch
+from .plans import bucket_up
 from .state import SeqState
 
-__all__ = ["StaticDecoder", "MIN_BUCKET"]
+__all__ = ["StaticDecoder", "MIN_BUCKET", "capture_graph", "key_bucket"]
 
 MIN_BUCKET = 256  # smallest key-length bucket; also keeps masks 16-element aligned for fused kernels
+
+
+def key_bucket(need: int) -> int:
+    """The key length a step that needs `need` keys runs at: a power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, bucket_up(need))
+
+
+def capture_graph(body: Callable[[], torch.Tensor], pool: Any, stream: Any = None) -> tuple[Any, torch.Tensor]:
+    """`body()` captured as a CUDA graph in memory pool `pool` (None: a new one), on `stream` (None:
+    torch's side stream), thread-local, so other threads' CUDA calls do not break the capture; the caller
+    has warmed it up. Returns the graph and the output tensor its replays write."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        out = body()
+    return graph, out
 
 
 class StaticDecoder:
@@ -52,11 +68,7 @@ class StaticDecoder:
         self._clean_generation: int | None = None
 
     def bucket(self, position: int) -> int:
-        need = position + 1
-        b = MIN_BUCKET
-        while b < need:
-            b *= 2
-        return min(b, self.max_tokens)
+        return min(key_bucket(position + 1), self.max_tokens)
 
     def invalidate(self) -> None:
         """The arena moved or was rewritten: forget graphs (and their pool) and the clean-tail mark."""
@@ -96,9 +108,7 @@ class StaticDecoder:
         with torch.cuda.stream(side):
             self._body(state, kv, kv_len, layout)
         torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._body(state, kv, kv_len, layout)
+        graph, out = capture_graph(lambda: self._body(state, kv, kv_len, layout), self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         self.captures += 1
