@@ -109,6 +109,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--vmu-host", "djinnd --vmu-host (paged-out arenas live there)")
     a("--idle-timeout-s", "djinnd --idle-timeout-s: how idle a session must be for reactive to page it out",
       type=float)
+    a("--memory-wait-ms", "djinnd --memory-wait-ms, for every mode alike: how long a syscall that finds no room, and "
+                          "nothing the policy may page out, waits for memory before ENOMEM", type=float)
     a("--daemon-arg", "one more djinnd flag, repeatable (e.g. --daemon-arg=--cpu-threads=8)", action="append",
       default=[])
     a("--daemon-per", "a fresh djinnd per probe, or one per mode (counters then taken as deltas)",
@@ -192,7 +194,7 @@ def memory_plan(s: argparse.Namespace) -> tuple[str, int | None]:
 def daemon_flags(s: argparse.Namespace, mode: Mode, vmu_data: str) -> list[str]:
     flags = ["--model", s.model, "--device", s.device, "--max-tokens", str(s.max_tokens), "--vmu-data", vmu_data,
              "--grace-s", "0", *mode.flags]
-    for key in ("dtype", "vmu_text", "vmu_stack", "vmu_host", "idle_timeout_s"):
+    for key in ("dtype", "vmu_text", "vmu_stack", "vmu_host", "idle_timeout_s", "memory_wait_ms"):
         if getattr(s, key) is not None:
             flags += [f"--{key.replace('_', '-')}", str(getattr(s, key))]
     for extra in s.daemon_arg:
@@ -618,7 +620,8 @@ class Run:
                  kind: str, counts: list[int]) -> None:
         self.s, self.w, self.rec, self.kind, self.counts, self.capacity = s, w, rec, kind, counts, capacity
         self.config = {**w.describe(), "vmu_data": vmu_data, "expected_capacity": capacity, "agents_spec": s.agents,
-                       "daemon_per": s.daemon_per, "idle_timeout_s": s.idle_timeout_s, "device_flag": s.device,
+                       "daemon_per": s.daemon_per, "idle_timeout_s": s.idle_timeout_s,
+                       "memory_wait_ms": s.memory_wait_ms, "device_flag": s.device,
                        "enomem_retries": s.enomem_retries}
         self.flags = {m: tuple(daemon_flags(s, m, vmu_data)) for m in MODES.values()}
         self.probes: list[dict[str, Any]] = []

@@ -133,6 +133,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proactive_mode", _choice("eager", "lazy"), "eager", "proactive IO_WAIT: page out at once (eager) or only when memory is wanted (lazy)"),
     Setting("idle_timeout_s", _nonneg_float, 5.0, "reactive policy: a session idle this long may be paged out under pressure"),
     Setting("prefetch_margin_ms", _nonneg_float, 2.0, "proactive policy: start a prefetch this much earlier than the estimate says"),
+    Setting("memory_wait_ms", _nonneg_float, 0.0, "a syscall that finds no room, and no session the policy may page out, "
+            "waits this long for memory to be freed before it fails with ENOMEM (0: fail at once)"),
     Setting("grace_s", _nonneg_float, 30.0, "seconds a disconnected client's sessions live before they are reclaimed (0: at once)"),
     Setting("max_tokens", _pos_int, 1024, "default context length of a new session"),
     Setting("vmu_text", parse_size, 0.5, "Text segment size (weights): bytes, e.g. 4GiB, or a fraction of free device memory"),
@@ -162,6 +164,7 @@ class Config:
     proactive_mode: str = "eager"
     idle_timeout_s: float = 5.0
     prefetch_margin_ms: float = 2.0
+    memory_wait_ms: float = 0.0
     grace_s: float = 30.0
     max_tokens: int = 1024
     vmu_text: int | float = 0.5

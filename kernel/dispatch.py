@@ -143,9 +143,12 @@ async def dispatch(kernel: Kernel, peer: Peer, row: Any, call: Call, args: dict[
         if "session" in row.flags:
             session = kernel.sessions.get(args["session"], call.uid)
             args["session"] = session
-            async with session.lock:
-                session.touch()
-                await _run(row, kernel, call, args, peer, rid)
+            try:
+                async with session.lock:
+                    session.touch()
+                    await _run(row, kernel, call, args, peer, rid)
+            finally:
+                kernel.memory.request_ended()  # its memory may go to a request waiting for room
         else:
             await _run(row, kernel, call, args, peer, rid)
         ok = True

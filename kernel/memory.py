@@ -9,6 +9,13 @@ Rules:
   moves made under pressure take a victim's lock only if it is free at once.
 - Nothing is ever dropped: when neither the device nor the host pool has room
   the request fails with ENOMEM (retryable), and every arena stays where it was.
+- With `memory_wait_ms` set, a syscall that finds no room and nothing the policy
+  may page out waits for memory instead (RoomWaiters): it is woken whenever
+  memory is freed (an arena freed, a page-out finished, a checkpoint freed) or
+  a session's request ends (the policy may page it out now), and tries again,
+  at least every RECHECK_S, until it fits or its wait is over
+  (then ENOMEM, retryable, with `waited_ms`). Background page-ins (prefetches)
+  never wait: they are guesses, and a syscall needs the room more.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +35,11 @@ if TYPE_CHECKING:
     from .core import Kernel
     from .dispatch import Call
 
-__all__ = ["Memory", "Checkpoint"]
+__all__ = ["Memory", "Checkpoint", "RoomWaiters"]
 
 log = logging.getLogger("djinn.memory")
+
+RECHECK_S = 0.1  # a waiter tries again at least this often: a session may become evictable without a free
 
 
 @dataclass(eq=False)
@@ -58,6 +68,53 @@ def rest_state(s: Session) -> str:
     return "IO_WAIT" if s.phase == "IO_WAIT" else "READY"
 
 
+class RoomWaiters:
+    """Syscalls waiting for memory: `notify()` (memory was freed) wakes every one of them to try again, in the
+    order they began to wait. Loop thread only."""
+
+    def __init__(self) -> None:
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self.waits = 0  # waits begun
+        self.admitted = 0  # waits that ended with the room found
+        self.timed_out = 0  # waits that ended in ENOMEM
+        self.wait_s = 0.0  # total time spent waiting, over ended waits
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next notify() or `timeout_s`, whichever comes first."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            try:
+                self._waiting.remove(fut)
+            except ValueError:  # notify() took it
+                pass
+
+    def notify(self) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(None)
+
+    def ended(self, seconds: float, admitted: bool) -> None:
+        self.wait_s += seconds
+        if admitted:
+            self.admitted += 1
+        else:
+            self.timed_out += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"waiting": self.waiting, "waits": self.waits, "admitted": self.admitted,
+                "timed_out": self.timed_out, "wait_s": self.wait_s}
+
+
 class Memory:
     """Owned by the loop thread; `vmu` is owned by the device worker (stat() excepted)."""
 
@@ -74,6 +131,8 @@ class Memory:
             settings.update(mode=cfg.proactive_mode, margin_s=cfg.prefetch_margin_ms / 1e3)
         self.policy = make_policy(cfg.policy, **settings)
         self.checkpoints: dict[str, Checkpoint] = {}
+        self.room = RoomWaiters()
+        self._wait_s = cfg.memory_wait_ms / 1e3
         self._timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -118,16 +177,51 @@ class Memory:
             await self._with_room(s, nbytes - s.arena.nbytes, lambda: self.vmu.grow_arena(s.arena, nbytes))
         return {"arena_nbytes": int(s.arena.nbytes), "used_nbytes": int(s.arena.used_nbytes)}
 
-    async def _with_room(self, s: Session, nbytes: int, op: Any) -> Any:
-        """Run `op` on the worker; on ENOMEM make room by the policy and retry, else ENOMEM (retryable)."""
-        for attempt in range(3):
-            try:
-                return await self.k.worker.run(op)
-            except KernelError as err:
-                if err.errno != "ENOMEM" or attempt == 2:
-                    raise
-                await self.make_room(nbytes, exclude=s, original=err)
-        raise AssertionError("unreachable")
+    async def _with_room(self, s: Session, nbytes: int, op: Any, *, wait: bool = True) -> Any:
+        """Run `op` on the worker; on ENOMEM make room by the policy and retry. When the policy can page out
+        nothing, wait for memory to be freed for up to memory_wait_ms (if `wait`), else ENOMEM (retryable)."""
+        made = 0  # rooms made in a row that the retry still did not fit
+        began: float | None = None  # when this call began to wait
+        admitted = False
+        try:
+            while True:
+                try:
+                    result = await self.k.worker.run(op)
+                    admitted = True
+                    return result
+                except KernelError as err:
+                    if err.errno != "ENOMEM":
+                        raise
+                    failure = err
+                try:
+                    if made == 2:  # the policy made room twice and it was taken both times: no room
+                        raise failure
+                    await self.make_room(nbytes, exclude=s, original=failure)
+                    made += 1
+                    continue
+                except KernelError as err:
+                    if err.errno != "ENOMEM" or not wait or not self._wait_s:
+                        raise
+                    no_room = err
+                made = 0
+                now = time.monotonic()
+                if began is None:
+                    began = now
+                    self.room.waits += 1
+                left = began + self._wait_s - now
+                if left <= 0:
+                    no_room.details["waited_ms"] = round((now - began) * 1e3, 3)
+                    raise no_room
+                await self.room.wait(min(left, RECHECK_S))
+        finally:
+            if began is not None:
+                self.room.ended(time.monotonic() - began, admitted)
+
+    def request_ended(self) -> None:
+        """A session's request ended and its lock is free: the policy may page it out now, so any waiter
+        tries again."""
+        if self.room.waiting:
+            self.room.notify()
 
     async def free_arena(self, s: Session, explicit: bool = False) -> None:
         if s.arena is None:
@@ -138,6 +232,7 @@ class Memory:
             raise EBUSY(f"session {s.id} holds a model's KV cache in its arena; close the session instead")
         arena, s.arena = s.arena, None
         await self.k.worker.run(self.vmu.free_arena, arena)
+        self.room.notify()
 
     async def free_session(self, s: Session) -> None:
         for ck_id in list(s.checkpoints):
@@ -170,17 +265,20 @@ class Memory:
         finally:
             self._transfer_done(s, "out", job, ok)
         s.move("SWAPPED")
+        self.room.notify()
         return {"residency": "host", "nbytes": int(job.nbytes), "seconds": float(job.seconds)}
 
     async def page_in(self, s: Session, cause: str) -> dict[str, Any]:
-        """Bring the arena back to the device, making room if needed. The caller holds s.lock."""
+        """Bring the arena back to the device, making room if needed (a syscall's page-in may wait for it:
+        see _with_room). The caller holds s.lock."""
         if s.arena is None:
             raise ENOENT(f"session {s.id} has no arena to page in")
         if s.resident:
             return {"residency": "device", "nbytes": 0, "seconds": 0.0}
         job = None
         try:
-            job = await self._with_room(s, s.arena.nbytes, lambda: self.vmu.page_in(s.arena))
+            job = await self._with_room(s, s.arena.nbytes, lambda: self.vmu.page_in(s.arena),
+                                        wait=cause == "syscall")
             await _wait_copy(job)
             await self.k.worker.run(self.vmu.finish, job)
         finally:
@@ -367,6 +465,7 @@ class Memory:
             owner.checkpoints.discard(ck_id)
         await _wait_copy(ck.host)
         await self.k.worker.run(self.vmu.free_host, ck.host)
+        self.room.notify()
 
     async def free_all_checkpoints(self) -> None:
         for ck in list(self.checkpoints.values()):
@@ -388,6 +487,7 @@ class Memory:
                          "scheduled": ps.prefetch_scheduled, "cancelled": ps.prefetch_cancelled},
             "transfer_estimate_bytes_per_s": {"out": ps.out_bytes_per_s, "in": ps.in_bytes_per_s},
             "stack": vmu_stat.get("stack", {}),
+            "room_waits": self.room.snapshot(),
         }
 
     def checkpoint_snapshot(self) -> list[dict[str, Any]]:

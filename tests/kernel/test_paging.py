@@ -133,3 +133,159 @@ def test_stat_shows_phase_and_time_in_phase(kernel):
         row = session_row(kernel, s)
         assert row["phase"] == "IO_WAIT" and row["phase_s"] >= 0.04 and row["expected_ms"] == 5000
         assert "pending" in kernel.stat()["memory"]["prefetch"]
+
+
+# -- waiting for room (memory_wait_ms) ----------------------------------------------------------------------
+
+
+def _open_in_thread(k, box: dict, **kw):
+    import threading
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            box["session"] = k.open_session(max_tokens=MAX_TOKENS, **kw)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+        box["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _room(k) -> dict:
+    return k.stat()["memory"]["room_waits"]
+
+
+def test_memory_wait_admits_a_request_when_an_arena_is_freed(daemon_with):
+    d, _ = _pressure_daemon(daemon_with, policy="none", memory_wait_ms=10_000)
+    with djinn.connect(d.path) as k, djinn.connect(d.path) as k2:
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        b = k.open_session(max_tokens=MAX_TOKENS)
+        want = greedy(b, b.forward(PROMPT).logits, 4)
+        box: dict = {}
+        t = _open_in_thread(k2, box)
+        deadline = time.monotonic() + 5
+        while _room(k)["waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _room(k)["waiting"] == 1 and not box, "the third session waits in the daemon"
+        time.sleep(0.15)
+        assert not box
+        a.close()  # frees an arena: the waiter is woken and fits
+        t.join(5)
+        assert "session" in box, box
+        room = _room(k)
+        assert room == {**room, "waiting": 0, "waits": 1, "admitted": 1, "timed_out": 0} and room["wait_s"] >= 0.15
+        c = box["session"]
+        assert c.forward(PROMPT).position == len(PROMPT)
+        b2 = k.session(b.id)
+        assert b2.forward([1]).position == len(PROMPT) + 5 and len(want) == 4
+        c.close()
+
+
+def test_memory_wait_ends_in_enomem_with_the_time_waited(daemon_with):
+    d, _ = _pressure_daemon(daemon_with, policy="none", memory_wait_ms=300)
+    with djinn.connect(d.path) as k:
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        k.open_session(max_tokens=MAX_TOKENS)
+        a.forward(PROMPT)
+        t0 = time.monotonic()
+        with pytest.raises(djinn.errors.ENOMEM) as e:
+            k.open_session(max_tokens=MAX_TOKENS)
+        assert time.monotonic() - t0 >= 0.3
+        assert e.value.retryable and e.value.details["waited_ms"] >= 300
+        room = _room(k)
+        assert (room["waits"], room["admitted"], room["timed_out"], room["waiting"]) == (1, 0, 1, 0)
+        assert a.forward([1]).position == len(PROMPT) + 1 and len(k.stat()["sessions"]) == 2
+
+
+def test_memory_wait_admits_when_a_busy_session_finishes_its_request(daemon_with):
+    """Proactive pages out any session that is not busy; a request that finds every resident session busy
+    waits, and takes the memory of the first one whose request ends."""
+    d, _ = _pressure_daemon(daemon_with, policy="proactive", proactive_mode="eager", memory_wait_ms=10_000,
+                            decode_batch=1)
+    with djinn.connect(d.path) as k, djinn.connect(d.path) as k2, djinn.connect(d.path) as k3:
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        b = k.open_session(max_tokens=MAX_TOKENS)
+        la, lb = a.forward(PROMPT).logits, b.forward(PROMPT).logits
+        import threading
+
+        outs: dict = {}
+        runs = [threading.Thread(target=lambda kk=kk, s=s, name=name: outs.__setitem__(
+            name, list(kk.session(s.id).generate([int(torch.argmax(lg))], max_new_tokens=48))))
+                for kk, s, name, lg in ((k2, a, "a", la), (k3, b, "b", lb))]
+        for t in runs:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len([r for r in k.stat()["sessions"] if r["state"] == "RUNNING"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        box: dict = {}
+        t = _open_in_thread(k, box)
+        t.join(10)
+        for r in runs:
+            r.join(10)
+        assert "session" in box, box
+        assert len(outs["a"]) == 48 and len(outs["b"]) == 48
+        box["session"].close()
+        room = _room(k)
+        assert (room["waits"], room["admitted"], room["timed_out"], room["waiting"]) == (1, 1, 0, 0)
+        assert k.stat()["memory"]["swap"]["by_cause"]["pressure"] == 1, "a finished session made the room"
+
+
+def test_a_syscalls_page_in_waits_for_room(daemon_with):
+    d, _ = _pressure_daemon(daemon_with, policy="none", memory_wait_ms=10_000)
+    with djinn.connect(d.path) as k, djinn.connect(d.path) as k2:
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        la = a.forward(PROMPT).logits
+        a.page_out()
+        b = k.open_session(max_tokens=MAX_TOKENS)
+        c = k.open_session(max_tokens=MAX_TOKENS)
+        want = greedy(b, b.forward(PROMPT).logits, 4)
+        box: dict = {}
+
+        def resume_a():
+            box["ids"] = greedy(k2.session(a.id), la, 4)
+
+        import threading
+
+        t = threading.Thread(target=resume_a)
+        t.start()
+        deadline = time.monotonic() + 5
+        while _room(k)["waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _room(k)["waiting"] == 1 and not box, "a's page-in waits: b and c hold the Data segment"
+        c.close()
+        t.join(10)
+        assert box.get("ids") == want, box
+        assert _room(k)["admitted"] == 1
+        b.close()
+
+
+def test_room_waiters_wake_in_order_and_time_out():
+    import asyncio
+
+    from djinn.kernel.memory import RoomWaiters
+
+    async def main() -> None:
+        room = RoomWaiters()
+        woken: list[int] = []
+
+        async def waiter(i: int, timeout_s: float) -> None:
+            await room.wait(timeout_s)
+            woken.append(i)
+
+        tasks = [asyncio.create_task(waiter(i, 5.0)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert room.waiting == 3
+        room.notify()
+        await asyncio.gather(*tasks)
+        assert woken == [0, 1, 2] and room.waiting == 0
+        t0 = asyncio.get_running_loop().time()
+        await room.wait(0.05)  # nobody notifies: the timeout ends it
+        assert asyncio.get_running_loop().time() - t0 >= 0.04 and room.waiting == 0
+        room.ended(0.5, admitted=True)
+        room.ended(0.25, admitted=False)
+        assert room.snapshot() == {"waiting": 0, "waits": 0, "admitted": 1, "timed_out": 1, "wait_s": 0.75}
+
+    asyncio.run(main())
