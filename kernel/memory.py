@@ -10,12 +10,14 @@ Rules:
 - Nothing is ever dropped: when neither the device nor the host pool has room
   the request fails with ENOMEM (retryable), and every arena stays where it was.
 - With `memory_wait_ms` set, a syscall that finds no room and nothing the policy
-  may page out waits for memory instead (RoomWaiters): it is woken whenever
-  memory is freed (an arena freed, a page-out finished, a checkpoint freed) or
-  a session's request ends (the policy may page it out now), and tries again,
-  at least every RECHECK_S, until it fits or its wait is over
-  (then ENOMEM, retryable, with `waited_ms`). Background page-ins (prefetches)
-  never wait: they are guesses, and a syscall needs the room more.
+  may page out waits for memory instead, in a queue (RoomWaiters). The waiter
+  at the front tries again whenever memory is freed (an arena freed, a page-out
+  finished, a checkpoint freed) or may be freed (a session's request ended, so
+  the policy may page it out now), and at least every RECHECK_S, until it fits
+  or its wait is over (then ENOMEM, retryable, with `waited_ms`); then the next
+  one has its turn. While waiting it pages out only sessions that wait on a tool
+  or sit idle, never one merely between two calls. Background page-ins
+  (prefetches) never wait: they are guesses, and a syscall needs the room more.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ __all__ = ["Memory", "Checkpoint", "RoomWaiters"]
 
 log = logging.getLogger("djinn.memory")
 
-RECHECK_S = 0.1  # a waiter tries again at least this often: a session may become evictable without a free
+RECHECK_S = 0.1  # the front waiter tries again at least this often: a session may become evictable with no event
 
 
 @dataclass(eq=False)
@@ -69,50 +71,62 @@ def rest_state(s: Session) -> str:
 
 
 class RoomWaiters:
-    """Syscalls waiting for memory: `notify()` (memory was freed) wakes every one of them to try again, in the
-    order they began to wait. Loop thread only."""
+    """Syscalls waiting for memory, in a queue. `notify()` (memory was freed, or may be freed now) wakes the
+    one at the front to try again; it keeps its place if it still does not fit, and passes the turn on when
+    it leaves (room found, or its wait over). One try per event, not one per waiter: a hundred waiters must
+    not each take a turn of the device worker every time a request ends. Loop thread only."""
 
     def __init__(self) -> None:
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._queue: deque[asyncio.Future[None]] = deque()
+        self.waiting = 0  # waits begun and not ended (queued, or trying again now)
         self.waits = 0  # waits begun
         self.admitted = 0  # waits that ended with the room found
         self.timed_out = 0  # waits that ended in ENOMEM
+        self.abandoned = 0  # waits that ended otherwise (the request cancelled, another error)
         self.wait_s = 0.0  # total time spent waiting, over ended waits
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    def begin(self) -> bool:
+        """A wait begins; True if it is at the front (no one else waits)."""
+        self.waits += 1
+        self.waiting += 1
+        return not self._queue
 
-    async def wait(self, timeout_s: float) -> None:
-        """Until the next notify() or `timeout_s`, whichever comes first."""
+    async def wait(self, timeout_s: float, *, front: bool) -> None:
+        """Until this waiter's turn (a notify() that reaches it) or `timeout_s`. `front`: take the place at the
+        front (a waiter whose turn came and who still did not fit), else join at the back."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiting.append(fut)
+        if front:
+            self._queue.appendleft(fut)
+        else:
+            self._queue.append(fut)
         try:
             await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             pass
         finally:
             try:
-                self._waiting.remove(fut)
+                self._queue.remove(fut)
             except ValueError:  # notify() took it
                 pass
 
     def notify(self) -> None:
-        waiting, self._waiting = self._waiting, deque()
-        for fut in waiting:
+        """Wake the waiter at the front, if any."""
+        while self._queue:
+            fut = self._queue.popleft()
             if not fut.done():
                 fut.set_result(None)
+                return
 
-    def ended(self, seconds: float, admitted: bool) -> None:
+    def end(self, seconds: float, outcome: str) -> None:
+        """A wait ended: `outcome` "admitted", "timed_out" or "abandoned". Passes the turn on."""
+        self.waiting -= 1
         self.wait_s += seconds
-        if admitted:
-            self.admitted += 1
-        else:
-            self.timed_out += 1
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        self.notify()
 
     def snapshot(self) -> dict[str, Any]:
         return {"waiting": self.waiting, "waits": self.waits, "admitted": self.admitted,
-                "timed_out": self.timed_out, "wait_s": self.wait_s}
+                "timed_out": self.timed_out, "abandoned": self.abandoned, "wait_s": self.wait_s}
 
 
 class Memory:
@@ -179,15 +193,16 @@ class Memory:
 
     async def _with_room(self, s: Session, nbytes: int, op: Any, *, wait: bool = True) -> Any:
         """Run `op` on the worker; on ENOMEM make room by the policy and retry. When the policy can page out
-        nothing, wait for memory to be freed for up to memory_wait_ms (if `wait`), else ENOMEM (retryable)."""
+        nothing, wait for memory for up to memory_wait_ms (if `wait`; see RoomWaiters), else ENOMEM (retryable)."""
         made = 0  # rooms made in a row that the retry still did not fit
         began: float | None = None  # when this call began to wait
-        admitted = False
+        outcome = "abandoned"
+        front = False
         try:
             while True:
                 try:
                     result = await self.k.worker.run(op)
-                    admitted = True
+                    outcome = "admitted"
                     return result
                 except KernelError as err:
                     if err.errno != "ENOMEM":
@@ -196,7 +211,10 @@ class Memory:
                 try:
                     if made == 2:  # the policy made room twice and it was taken both times: no room
                         raise failure
-                    await self.make_room(nbytes, exclude=s, original=failure)
+                    # Once waiting, only sessions that wait on a tool or sit idle make room: taking one in
+                    # use lately (cause "pressure") each time a request ends would page agents out between
+                    # their calls, and page them in again at the next.
+                    await self.make_room(nbytes, exclude=s, original=failure, pressure=began is None)
                     made += 1
                     continue
                 except KernelError as err:
@@ -207,15 +225,19 @@ class Memory:
                 now = time.monotonic()
                 if began is None:
                     began = now
-                    self.room.waits += 1
+                    front = self.room.begin()
                 left = began + self._wait_s - now
                 if left <= 0:
                     no_room.details["waited_ms"] = round((now - began) * 1e3, 3)
+                    outcome = "timed_out"
                     raise no_room
-                await self.room.wait(min(left, RECHECK_S))
+                # The waiter at the front also tries every RECHECK_S: a session may become evictable with no
+                # event (its idle timeout passing). The others wait for their turn.
+                await self.room.wait(min(left, RECHECK_S) if front else left, front=front)
+                front = True  # its turn came (or its time is up): it keeps the front from here on
         finally:
             if began is not None:
-                self.room.ended(time.monotonic() - began, admitted)
+                self.room.end(time.monotonic() - began, outcome)
 
     def request_ended(self) -> None:
         """A session's request ended and its lock is free: the policy may page it out now, so any waiter
@@ -299,12 +321,14 @@ class Memory:
             await self.page_in(s, cause)
         self._rearm()
 
-    async def make_room(self, nbytes: int, *, exclude: Session | None, original: KernelError | None = None) -> None:
-        """Page out sessions the policy picks until `nbytes` more are free. ENOMEM (retryable) if it can't."""
+    async def make_room(self, nbytes: int, *, exclude: Session | None, original: KernelError | None = None,
+                        pressure: bool = True) -> None:
+        """Page out sessions the policy picks until `nbytes` more are free (`pressure`: see Policy.make_room).
+        ENOMEM (retryable) if it can't."""
         now = time.monotonic()
         views = [self.view(s) for s in self.k.sessions
                  if s is not exclude and s.arena is not None and not s.lock.locked()]
-        ev = self.policy.make_room(now, nbytes, views)
+        ev = self.policy.make_room(now, nbytes, views, pressure=pressure)
         if not ev.ok:
             details = dict(original.details) if original is not None else {}
             details.update(requested_nbytes=nbytes, evictable_nbytes=ev.freed_nbytes, policy=self.policy.name)

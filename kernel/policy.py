@@ -148,12 +148,15 @@ class Policy:
             return []
         return [self._emit_in(sid, then)] if then is not None else []
 
-    def make_room(self, now: float, need_nbytes: int, views: Iterable[SessionView]) -> Eviction:
+    def make_room(self, now: float, need_nbytes: int, views: Iterable[SessionView], *,
+                  pressure: bool = True) -> Eviction:
         """Choose sessions to page out so that need_nbytes are freed once they are out.
 
         Only resident, not busy sessions with no transfer in flight and nbytes > 0 are chosen,
         in this policy's order, until enough. If the candidates cannot free need_nbytes, nothing
-        is chosen and the answer says how much they could free.
+        is chosen and the answer says how much they could free. `pressure=False` leaves out the
+        sessions that would go with cause "pressure" (in use lately: neither waiting nor idle), as a
+        request that waits for room asks, so that it does not page out agents between their calls.
         """
         if need_nbytes <= 0:
             return Eviction((), 0, need_nbytes, True)
@@ -163,6 +166,8 @@ class Policy:
         for view, cause in self._candidates(now, [v for v in eligible.values() if v.sid not in self._inflight]):
             if freed >= need_nbytes:
                 break
+            if cause == "pressure" and not pressure:
+                continue
             chosen.append((view, cause))
             freed += view.nbytes
         if freed < need_nbytes:

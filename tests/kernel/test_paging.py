@@ -176,7 +176,8 @@ def test_memory_wait_admits_a_request_when_an_arena_is_freed(daemon_with):
         t.join(5)
         assert "session" in box, box
         room = _room(k)
-        assert room == {**room, "waiting": 0, "waits": 1, "admitted": 1, "timed_out": 0} and room["wait_s"] >= 0.15
+        assert room == {**room, "waiting": 0, "waits": 1, "admitted": 1, "timed_out": 0, "abandoned": 0}
+        assert room["wait_s"] >= 0.15
         c = box["session"]
         assert c.forward(PROMPT).position == len(PROMPT)
         b2 = k.session(b.id)
@@ -200,9 +201,10 @@ def test_memory_wait_ends_in_enomem_with_the_time_waited(daemon_with):
         assert a.forward([1]).position == len(PROMPT) + 1 and len(k.stat()["sessions"]) == 2
 
 
-def test_memory_wait_admits_when_a_busy_session_finishes_its_request(daemon_with):
-    """Proactive pages out any session that is not busy; a request that finds every resident session busy
-    waits, and takes the memory of the first one whose request ends."""
+def test_a_waiting_request_pages_out_a_session_on_its_signal_not_between_its_calls(daemon_with):
+    """Proactive pages out any session that is not busy for a request that arrives. A request that finds
+    every resident session busy waits; sessions that merely finish a call are not paged out for it (they
+    compute on); the first one to signal IO_WAIT is, and the waiter fits."""
     d, _ = _pressure_daemon(daemon_with, policy="proactive", proactive_mode="eager", memory_wait_ms=10_000,
                             decode_batch=1)
     with djinn.connect(d.path) as k, djinn.connect(d.path) as k2, djinn.connect(d.path) as k3:
@@ -212,7 +214,7 @@ def test_memory_wait_admits_when_a_busy_session_finishes_its_request(daemon_with
         import threading
 
         outs: dict = {}
-        runs = [threading.Thread(target=lambda kk=kk, s=s, name=name: outs.__setitem__(
+        runs = [threading.Thread(target=lambda kk=kk, s=s, name=name, lg=lg: outs.__setitem__(
             name, list(kk.session(s.id).generate([int(torch.argmax(lg))], max_new_tokens=48))))
                 for kk, s, name, lg in ((k2, a, "a", la), (k3, b, "b", lb))]
         for t in runs:
@@ -222,15 +224,19 @@ def test_memory_wait_admits_when_a_busy_session_finishes_its_request(daemon_with
             time.sleep(0.001)
         box: dict = {}
         t = _open_in_thread(k, box)
-        t.join(10)
         for r in runs:
             r.join(10)
-        assert "session" in box, box
         assert len(outs["a"]) == 48 and len(outs["b"]) == 48
+        time.sleep(0.3)  # both calls ended; the waiter has tried again (their ends, the 100 ms recheck)
+        assert not box and _room(k)["waiting"] == 1, "a session between its calls is not paged out for a waiter"
+        assert k.stat()["memory"]["swap"]["by_cause"]["pressure"] == 0
+        a.signal_phase("IO_WAIT", expected_ms=60_000)  # eager: paged out at once, and the waiter fits
+        t.join(5)
+        assert "session" in box, box
+        assert session_row(k, a)["residency"] == "host"
         box["session"].close()
         room = _room(k)
         assert (room["waits"], room["admitted"], room["timed_out"], room["waiting"]) == (1, 1, 0, 0)
-        assert k.stat()["memory"]["swap"]["by_cause"]["pressure"] == 1, "a finished session made the room"
 
 
 def test_a_syscalls_page_in_waits_for_room(daemon_with):
@@ -262,7 +268,7 @@ def test_a_syscalls_page_in_waits_for_room(daemon_with):
         b.close()
 
 
-def test_room_waiters_wake_in_order_and_time_out():
+def test_room_waiters_take_turns_from_the_front():
     import asyncio
 
     from djinn.kernel.memory import RoomWaiters
@@ -271,21 +277,31 @@ def test_room_waiters_wake_in_order_and_time_out():
         room = RoomWaiters()
         woken: list[int] = []
 
-        async def waiter(i: int, timeout_s: float) -> None:
-            await room.wait(timeout_s)
+        async def waiter(i: int, front: bool) -> None:
+            await room.wait(5.0, front=front)
             woken.append(i)
 
-        tasks = [asyncio.create_task(waiter(i, 5.0)) for i in range(3)]
+        assert room.begin() is True  # nobody queued: the first waiter is at the front
+        tasks = [asyncio.create_task(waiter(i, False)) for i in range(3)]
         await asyncio.sleep(0.01)
-        assert room.waiting == 3
+        assert room.begin() is False
+        tasks.append(asyncio.create_task(waiter(9, True)))  # a waiter whose turn came keeps the front
+        await asyncio.sleep(0.01)
+        room.notify()  # one event, one try: only the front one wakes
+        await asyncio.sleep(0.01)
+        assert woken == [9]
+        room.end(0.5, "admitted")  # it found room: the turn passes on
+        await asyncio.sleep(0.01)
+        assert woken == [9, 0]
+        room.notify()
         room.notify()
         await asyncio.gather(*tasks)
-        assert woken == [0, 1, 2] and room.waiting == 0
+        assert woken == [9, 0, 1, 2]
         t0 = asyncio.get_running_loop().time()
-        await room.wait(0.05)  # nobody notifies: the timeout ends it
-        assert asyncio.get_running_loop().time() - t0 >= 0.04 and room.waiting == 0
-        room.ended(0.5, admitted=True)
-        room.ended(0.25, admitted=False)
-        assert room.snapshot() == {"waiting": 0, "waits": 0, "admitted": 1, "timed_out": 1, "wait_s": 0.75}
+        await room.wait(0.05, front=False)  # nobody notifies: the timeout ends it
+        assert asyncio.get_running_loop().time() - t0 >= 0.04
+        room.end(0.25, "timed_out")
+        assert room.snapshot() == {"waiting": 0, "waits": 2, "admitted": 1, "timed_out": 1, "abandoned": 0,
+                                   "wait_s": 0.75}
 
     asyncio.run(main())

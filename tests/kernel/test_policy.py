@@ -298,6 +298,16 @@ def test_proactive_make_room_prefers_io_wait_furthest_return_then_lru() -> None:
     )
 
 
+def test_make_room_without_pressure_leaves_sessions_in_use_alone() -> None:
+    views = [view("waiting", phase="IO_WAIT", since=9.0, expected_ms=5000, last_used=9.0),
+             view("old", last_used=1.0), view("recent", last_used=9.5)]
+    ev = eager(idle_timeout_s=5.0).make_room(10.0, 2 * GB, views, pressure=False)
+    assert ev.ok and ev.victims == (PageOut("waiting", "signal"), PageOut("old", "idle"))
+    short = eager(idle_timeout_s=5.0).make_room(10.0, 3 * GB, views, pressure=False)
+    assert not short.ok and short.victims == () and short.freed_nbytes == 2 * GB
+    assert eager(idle_timeout_s=5.0).make_room(10.0, 3 * GB, views).ok  # with pressure, "recent" goes too
+
+
 def test_make_room_stops_once_enough_is_freed() -> None:
     policy = ReactivePolicy(idle_timeout_s=1.0)
     views = [view("a", GB, last_used=1.0), view("b", GB, last_used=0.0), view("c", GB, last_used=2.0)]
