@@ -16,8 +16,9 @@ Rules:
   the policy may page it out now), and at least every RECHECK_S, until it fits
   or its wait is over (then ENOMEM, retryable, with `waited_ms`); then the next
   one has its turn. While waiting it pages out only sessions that wait on a tool
-  or sit idle, never one merely between two calls. Background page-ins
-  (prefetches) never wait: they are guesses, and a syscall needs the room more.
+  or sit idle, never one merely between two calls. Prefetches never wait, and
+  while a syscall waits none starts: they are guesses, and would take the room
+  ahead of the queue.
 """
 
 from __future__ import annotations
@@ -382,6 +383,11 @@ class Memory:
             stale = True
         if stale:
             self.policy.on_transfer_done(time.monotonic(), s.id, direction, 0, 0.0, direction == "in")
+            return
+        if action.cause == "prefetch" and self.room.waiting:
+            # A prefetch is a guess, and it would take the room ahead of syscalls that wait for it: it is
+            # cancelled, and the session's next syscall pages it in, in its turn.
+            self.policy.on_transfer_done(time.monotonic(), s.id, direction, 0, 0.0, False)
             return
         try:
             if direction == "out":

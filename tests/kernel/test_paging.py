@@ -239,6 +239,51 @@ def test_a_waiting_request_pages_out_a_session_on_its_signal_not_between_its_cal
         assert (room["waits"], room["admitted"], room["timed_out"], room["waiting"]) == (1, 1, 0, 0)
 
 
+def test_no_prefetch_takes_room_while_a_syscall_waits_for_it(daemon_with):
+    d, _ = _pressure_daemon(daemon_with, policy="proactive", proactive_mode="eager", memory_wait_ms=10_000,
+                            decode_batch=1)
+    with djinn.connect(d.path) as k, djinn.connect(d.path) as k2, djinn.connect(d.path) as k3:
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        la = a.forward(PROMPT).logits
+        want = greedy(a, la, 4)
+        a.close()
+        a = k.open_session(max_tokens=MAX_TOKENS)
+        la = a.forward(PROMPT).logits
+        a.signal_phase("IO_WAIT", expected_ms=400)  # eager: out at once, a prefetch armed for ~400 ms from now
+        t_signal = time.monotonic()
+        b = k.open_session(max_tokens=MAX_TOKENS)
+        c = k.open_session(max_tokens=MAX_TOKENS)
+        lb, lc = b.forward(PROMPT).logits, c.forward(PROMPT).logits
+        import threading
+
+        runs = [threading.Thread(target=lambda kk=kk, s=s, lg=lg: list(
+            kk.session(s.id).generate([int(torch.argmax(lg))], max_new_tokens=48)))
+                for kk, s, lg in ((k2, b, lb), (k3, c, lc))]
+        for t in runs:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len([r for r in k.stat()["sessions"] if r["state"] == "RUNNING"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        in_ops = k.stat()["memory"]["swap"]["in"]["ops"]
+        box: dict = {}
+        t = _open_in_thread(k, box)
+        while _room(k)["waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _room(k)["waiting"] == 1 and not box
+        time.sleep(max(0.0, t_signal + 0.6 - time.monotonic()))  # a's prefetch came due meanwhile
+        st = k.stat()
+        assert st["memory"]["prefetch"]["cancelled"] == 1 and st["memory"]["swap"]["in"]["ops"] == in_ops
+        assert session_row(k, a)["residency"] == "host" and not box, "the room stays for the waiting syscall"
+        for r in runs:
+            r.join(10)
+        b.signal_phase("IO_WAIT", expected_ms=60_000)
+        t.join(5)
+        assert "session" in box, box
+        box["session"].close()
+        a.signal_phase("COMPUTE")
+        assert greedy(a, la, 4) == want  # its own syscall paged it in
+
+
 def test_a_syscalls_page_in_waits_for_room(daemon_with):
     d, _ = _pressure_daemon(daemon_with, policy="none", memory_wait_ms=10_000)
     with djinn.connect(d.path) as k, djinn.connect(d.path) as k2:
