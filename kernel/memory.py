@@ -241,8 +241,8 @@ class Memory:
                 self.room.end(time.monotonic() - began, outcome)
 
     def request_ended(self) -> None:
-        """A session's request ended and its lock is free: the policy may page it out now, so any waiter
-        tries again."""
+        """A session's request ended and its lock is free: the policy may page it out now, so the waiter at
+        the front, if any, tries again."""
         if self.room.waiting:
             self.room.notify()
 
