@@ -122,7 +122,12 @@ class RoomWaiters:
         """A wait ended: `outcome` "admitted", "timed_out" or "abandoned". Passes the turn on."""
         self.waiting -= 1
         self.wait_s += seconds
-        setattr(self, outcome, getattr(self, outcome) + 1)
+        if outcome == "admitted":
+            self.admitted += 1
+        elif outcome == "timed_out":
+            self.timed_out += 1
+        else:
+            self.abandoned += 1
         self.notify()
 
     def snapshot(self) -> dict[str, Any]:
