@@ -511,7 +511,7 @@ class Memory:
     # -- stat ---------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        vmu_stat = self.vmu.stat() if self.vmu is not None else {}
+        vmu_stat = self.vmu.stat(arenas=False) if self.vmu is not None else {}
         ps = self.policy.statistics()
         checkpoint = vmu_stat.get("checkpoint", {})  # checkpoint copies: device -> host pool, and back
         return {

@@ -29,6 +29,7 @@ __all__ = [
     "EncodedReply",
     "PAYLOAD_POOL",
     "PayloadPool",
+    "Plain",
     "TENSOR_KEY",
     "TORCH_TO_DTYPE",
     "dtype_name",
@@ -425,12 +426,23 @@ class EncodedReply(NamedTuple):
     sent: bool = False
 
 
+class Plain(NamedTuple):
+    """A result the kernel built itself from plain values only (text keys, 64-bit integers, no tensors,
+    tuples or other types): `encode_reply` encodes `value` without walking it first. For large replies
+    made of the kernel's own counters (`stat`), whose walk would cost as much as their encoding; a test
+    checks each such result with the walk all the same."""
+
+    value: dict[str, Any]
+
+
 def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFAULT_LIMITS) -> list[Part]:
     """`encode_message({"id": rid, "ok": True, "result": result}, ...)`, the same parts, faster for plain results.
 
     Raises what `encode_message` raises.
     """
     kind = type(result)
+    if kind is Plain and type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE:
+        return [encode_result(rid, result.value, flags, limits=limits)]
     if (
         (kind in _SCALARS or (kind is int and _MIN_INT <= result <= _MAX_INT)
          or ((kind is dict or kind is list) and (not result or _plain(result, 2, limits.max_cbor_depth))))

@@ -89,6 +89,27 @@ def test_stat_has_every_documented_field(kernel):
     assert set(demo["batched_decode"]) == {"steps", "sequences", "graphs", "captures", "replays"}
 
 
+def test_stat_is_plain_as_its_reply_trusts(djinnd, kernel):
+    """stat's handler returns its snapshot as `Plain`, encoded without the walk that finds tensors and
+    rejects what CBOR headers may not hold; so the snapshot itself must pass that walk, in every state a
+    session can be in (paused, swapped out, with a checkpoint, a gone client's)."""
+    from djinn.kernel.tensors import _plain
+
+    paused, swapped, bare = kernel.open_session(), kernel.open_session(), kernel.open_session()
+    try:
+        paused.forward([1, 2, 3], pause_at=0)
+        swapped.forward([4, 5])
+        swapped.checkpoint().wait()
+        swapped.page_out()
+        bare.forward([6])
+        snapshot = djinnd.call_in_loop(djinnd.kernel.stat)
+    finally:
+        for s in (paused, swapped, bare):
+            s.close()
+    assert _plain({"id": 1, "ok": True, "result": snapshot}, 1, djinnd.kernel.limits.max_cbor_depth)
+    assert {s["state"] for s in snapshot["sessions"]} >= {"PAUSED", "SWAPPED"}
+
+
 def test_stat_swap_has_the_documented_checkpoint_copies(kernel):
     swap = kernel.stat()["memory"]["swap"]
     assert not _missing(COPY_FIELDS, swap["snapshot"]) and not _missing(COPY_FIELDS, swap["restore"])
