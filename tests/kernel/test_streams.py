@@ -102,3 +102,9 @@ def test_clients_in_parallel_on_many_streams(cuda_daemons: list[LiveDaemon]) -> 
     for r in results:
         for key in ref:
             torch.testing.assert_close(r[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.gpu
+def test_a_cuda_daemons_worker_polls_between_calls(cuda_daemons: list[LiveDaemon]) -> None:
+    for d in cuda_daemons:
+        assert d.kernel.worker.spin_s == d.config.worker_spin_us / 1e6 > 0
