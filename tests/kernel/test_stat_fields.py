@@ -91,23 +91,23 @@ def test_stat_has_every_documented_field(kernel):
 
 def test_stat_is_plain_as_its_reply_trusts(djinnd, kernel):
     """stat's handler returns its snapshot as `Plain`, encoded without the walk that finds tensors and
-    rejects what CBOR headers may not hold; so the snapshot itself must pass that walk, in every state a
-    session can be in (paused, swapped out, with a checkpoint, a gone client's)."""
+    rejects what CBOR headers may not hold; so the snapshot itself must pass that walk, with sessions
+    paused, swapped out with a checkpoint, and ready."""
     from djinn.kernel.tensors import _plain
 
-    paused, swapped, bare = kernel.open_session(), kernel.open_session(), kernel.open_session()
+    paused, swapped, ready = kernel.open_session(), kernel.open_session(), kernel.open_session()
     try:
         paused.forward([1, 2, 3], pause_at=0)
         swapped.forward([4, 5])
         swapped.checkpoint().wait()
         swapped.page_out()
-        bare.forward([6])
+        ready.forward([6])
         snapshot = djinnd.call_in_loop(djinnd.kernel.stat)
     finally:
-        for s in (paused, swapped, bare):
+        for s in (paused, swapped, ready):
             s.close()
     assert _plain({"id": 1, "ok": True, "result": snapshot}, 1, djinnd.kernel.limits.max_cbor_depth)
-    assert {s["state"] for s in snapshot["sessions"]} >= {"PAUSED", "SWAPPED"}
+    assert {s["state"] for s in snapshot["sessions"]} >= {"PAUSED", "SWAPPED", "READY"} and snapshot["checkpoints"]
 
 
 def test_stat_swap_has_the_documented_checkpoint_copies(kernel):

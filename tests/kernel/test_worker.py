@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -92,8 +93,6 @@ async def test_busy_time_and_calls_are_counted():
 
 
 def _thread_cpu_s(thread: threading.Thread) -> float:
-    import time
-
     assert thread.ident is not None
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
