@@ -26,7 +26,8 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   a session's KV cache only grows.
 - where the time goes (warm): from `stat` before and after the warm rounds, the daemon's mean time per forward
   (dispatch to reply written) and the device worker's busy time per forward; with the client's mean they split
-  the overhead into the client and wire, the daemon around the worker, and the worker itself.
+  the overhead into the client and wire, the daemon around the worker, and the worker itself. The worker's mean
+  wait per call (submission to start) is the hand-off to its thread.
 Targets (warm): full forward <= 1% over native, one layer <= 5%; the micro-op is reported as it is.
 """
 
@@ -173,32 +174,36 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     rows.append([f"{label} (cold)", cn["p50_ms"], float("nan"), cd["p50_ms"], cd["p50_ms"] / cn["p50_ms"]])
     rows.append([f"{label} (warm)", n_s["p50_ms"], v_s["p50_ms"], d_s["p50_ms"], d_s["p50_ms"] / n_s["p50_ms"]])
     print(f"{label} (warm), means in ms: client {d_s['mean_ms']:.3f}, in djinnd {inside['daemon_forward_mean_ms']:.3f}, "
-          f"device worker {inside['worker_per_forward_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f}, "
+          f"device worker {inside['worker_per_forward_mean_ms']:.3f}, hand-off to the worker per call "
+          f"{inside['worker_wait_per_call_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f}, "
           f"native under inference_mode p50 {im_s['p50_ms']:.3f})")
     if bare is not None:
         rows.append(["  one bare block, native", bare, float("nan"), float("nan"), float("nan")])
 
 
-def _daemon_counters(k: Any) -> tuple[int, float, int, float]:
-    """(forward count, forward total_s, worker calls, worker busy_s) from `stat`."""
+def _daemon_counters(k: Any) -> tuple[int, float, int, float, float]:
+    """(forward count, forward total_s, worker calls, worker busy_s, worker wait_s) from `stat`."""
     st = k.stat()
-    fwd = st["syscalls"].get("forward", {})
-    return int(fwd.get("count", 0)), float(fwd.get("total_s", 0.0)), int(st["worker"]["calls"]), float(st["worker"]["busy_s"])
+    fwd, worker = st["syscalls"].get("forward", {}), st["worker"]
+    return (int(fwd.get("count", 0)), float(fwd.get("total_s", 0.0)), int(worker["calls"]), float(worker["busy_s"]),
+            float(worker["wait_s"]))
 
 
-def _daemon_means_ms(before: tuple[int, float, int, float], after: tuple[int, float, int, float],
+def _daemon_means_ms(before: tuple[int, float, int, float, float], after: tuple[int, float, int, float, float],
                      n_forwards: int) -> dict[str, float]:
     """Where the warm djinnd forwards' time went, as means over the warm rounds (the bench is djinnd's only client):
     the daemon's own time per forward (dispatch to reply written) and the device worker's busy time per forward
     (which also holds the untimed open and close of each forward's session). The client's mean minus the
     daemon's is the wire, the client library and the wake-ups on both ends; the daemon's minus the worker's is
-    dispatch, the hand-offs to the worker and back, and the reply."""
+    dispatch, the hand-offs to the worker and back, and the reply. The worker's wait per call is the hand-off
+    to its thread (with nothing queued ahead: this bench is the only client)."""
     forwards = after[0] - before[0]
     if forwards != n_forwards:
         raise RuntimeError(f"djinnd counted {forwards} forwards in the warm rounds, the bench made {n_forwards}")
     return {"daemon_forward_mean_ms": (after[1] - before[1]) / forwards * 1e3,
             "worker_per_forward_mean_ms": (after[3] - before[3]) / forwards * 1e3,
-            "worker_calls_per_forward": (after[2] - before[2]) / forwards}
+            "worker_calls_per_forward": (after[2] - before[2]) / forwards,
+            "worker_wait_per_call_mean_ms": (after[4] - before[4]) / max(1, after[2] - before[2]) * 1e3}
 
 
 def _bare_layer_ms(su: Any, n_tokens: int, n: int) -> Callable[[Any], float]:

@@ -50,19 +50,20 @@ def to_kernel_error(exc: BaseException) -> KernelError:
 class DeviceWorker:
     """A single thread that owns one device. `await worker.run(fn, *args)` runs fn there.
 
-    A job is (loop, future, fn, args) on a SimpleQueue; the thread runs it and hands the
+    A job is (loop, future, fn, args, submitted) on a SimpleQueue; the thread runs it and hands the
     outcome back with one `call_soon_threadsafe`. That is the whole path: no executor,
     work item or chained future in between, since every device syscall pays for it twice
     (one hand-off out, one back).
     """
 
     def __init__(self, name: str = "djinn-device-0", *, spin_s: float = 0.0) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Any, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[
+            tuple[Any, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...], float] | None
+        ] = queue.SimpleQueue()
         self._closed = False
         self.spin_s = spin_s  # after a call, poll this long for the next before sleeping (see _next_job)
         self.busy_s = 0.0  # written by the worker thread only; read by stat
+        self.wait_s = 0.0  # summed time calls waited from submission to start (hand-off and queueing); likewise
         self.calls = 0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -89,25 +90,26 @@ class DeviceWorker:
     def _serve(self) -> None:
         now = time.perf_counter
         while (job := self._next_job()) is not None:
-            loop, future, fn, args = job
+            loop, future, fn, args, submitted = job
+            t0 = now()
             if future is None:  # post(): the call delivers its own outcomes
-                t0 = now()
                 try:
                     fn(*args)
                 except BaseException:  # noqa: BLE001 - a posted call must not end the worker
                     log.exception("posted device call %s failed", getattr(fn, "__qualname__", fn))
                 self.busy_s += now() - t0
+                self.wait_s += t0 - submitted
                 self.calls += 1
                 continue
             if future.cancelled():  # its request was cancelled while it waited: never started, like an executor's
                 continue
-            t0 = now()
             try:
                 outcome, setter = fn(*args), set_result
             except BaseException as exc:  # noqa: BLE001 - crosses back to the awaiting task
                 outcome, setter = exc, set_exception
             # Counted before the hand-back, so the awaiting task sees its own call in the figures.
             self.busy_s += now() - t0
+            self.wait_s += t0 - submitted
             self.calls += 1
             self._deliver(loop, setter, future, outcome)
 
@@ -125,7 +127,7 @@ class DeviceWorker:
             raise ECANCELED("the device worker has stopped (the daemon is shutting down)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, fn, args))
+        self._jobs.put((loop, future, fn, args, time.perf_counter()))
         return await settled(future, fn)
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -133,7 +135,7 @@ class DeviceWorker:
         (see DecodeBatcher). An exception it lets out is logged. ECANCELED once the worker has stopped."""
         if self._closed:
             raise ECANCELED("the device worker has stopped (the daemon is shutting down)")
-        self._jobs.put((None, None, fn, args))
+        self._jobs.put((None, None, fn, args, time.perf_counter()))
 
     def close(self) -> None:
         """Run what is queued, then stop the thread. Later run() calls raise ECANCELED."""

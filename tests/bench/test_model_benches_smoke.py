@@ -57,6 +57,7 @@ def test_os_tax_quick(tmp_path: Path) -> None:
     warm = [r for r in records if r["metric"] in ("one_layer", "full_forward") and r["mode"] == "warm"]
     for r in warm:
         assert r["driver_inprocess_ms"] > 0 and r["n"] > 0
+        assert 0 < r["worker_wait_per_call_mean_ms"] < r["worker_per_forward_mean_ms"]
         assert r["same_work_max_abs_logit_diff"] < 1e-3  # same weights, same work on both sides (fp32 CPU)
     assert all(r["client_busy_poll_us"] == 0 for r in records)  # the default: a blocking client
 

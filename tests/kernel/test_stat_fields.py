@@ -82,7 +82,7 @@ def test_stat_has_every_documented_field(kernel):
     assert len(ours) == 1 and not _missing(CHECKPOINT_FIELDS, ours[0])
     assert ours[0]["session"] == s.id and ours[0]["uid"] == os.geteuid() and ours[0]["nbytes"] > 0
 
-    assert {"calls", "busy_s", "streams", "sessions_per_stream", "decode_batching"} <= set(st["worker"])
+    assert {"calls", "busy_s", "wait_s", "streams", "sessions_per_stream", "decode_batching"} <= set(st["worker"])
     assert set(st["worker"]["decode_batching"]) == {"max_batch", "passes", "steps", "batched_steps", "batches",
                                                     "largest", "fallbacks"}
     demo = next(m for m in st["models"] if m["name"] == "demo")

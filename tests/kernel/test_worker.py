@@ -92,6 +92,20 @@ async def test_busy_time_and_calls_are_counted():
         w.close()
 
 
+async def test_time_waited_before_a_call_starts_is_counted():
+    w = DeviceWorker()
+    try:
+        await w.run(lambda: None)
+        alone = w.wait_s
+        # The second call waits behind the first, which runs 50 ms; a posted call behind it counts alike.
+        await asyncio.gather(w.run(lambda: threading.Event().wait(0.05)), w.run(lambda: None))
+        w.post(lambda: None)
+        await w.run(lambda: None)  # runs after the posted call, accounting included
+        assert w.calls == 5 and w.wait_s - alone >= 0.05 and alone < 0.05
+    finally:
+        w.close()
+
+
 def _thread_cpu_s(thread: threading.Thread) -> float:
     assert thread.ident is not None
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
