@@ -435,13 +435,18 @@ async def _warm_up(k: Any, w: Workload) -> None:
 
 
 def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """Counter differences of two stat snapshots: swap bytes/ops/seconds, causes, prefetches, worker."""
+    """Counter differences of two stat snapshots: swap bytes/ops/seconds, causes, prefetches, the worker
+    (busy, waited, calls) and the waits for memory."""
     sa, sb = after["memory"]["swap"], before["memory"]["swap"]
     pa, pb = after["memory"]["prefetch"], before["memory"]["prefetch"]
     out: dict[str, Any] = {f"{d}_{f}": sa[d][f] - sb[d][f] for d in ("out", "in") for f in ("bytes", "ops", "seconds")}
     out["by_cause"] = {c: n - sb["by_cause"].get(c, 0) for c, n in sa["by_cause"].items()}
     out["prefetch"] = {key: pa[key] - pb[key] for key in ("on_time", "late", "cancelled", "scheduled")}
     out["worker_busy_s"] = after["worker"]["busy_s"] - before["worker"]["busy_s"]
+    out["worker_wait_s"] = after["worker"]["wait_s"] - before["worker"]["wait_s"]
+    out["worker_calls"] = after["worker"]["calls"] - before["worker"]["calls"]
+    ra, rb = after["memory"]["room_waits"], before["memory"]["room_waits"]
+    out["room_waits"] = {key: ra[key] - rb[key] for key in ("waits", "admitted", "timed_out", "abandoned", "wait_s")}
     return out
 
 
@@ -512,6 +517,9 @@ async def run_probe(path: str, mode: Mode, agents: int, w: Workload, seed: int) 
         "hung_agents": len(hung),
         "swap": delta, "bytes_paged_out": delta["out_bytes"], "bytes_paged_in": delta["in_bytes"],
         "worker_busy_frac": delta["worker_busy_s"] / wall_s,
+        # queueing on the device worker (each call's submission to start), and requests' waits for memory
+        "worker_wait_per_call_ms": delta["worker_wait_s"] / max(1, delta["worker_calls"]) * 1e3,
+        "room_wait_s": delta["room_waits"]["wait_s"],
         "memory": _memory_summary(rows, capacity),
         "client": _client(cpu_s, wall_s, lags, agents + 1),
         "daemon_cpu_frac": (dcpu1 - dcpu0) / wall_s if dcpu0 is not None and dcpu1 is not None else None,

@@ -62,6 +62,8 @@ def test_quick_run_records_every_mode(tmp_path: Path) -> None:
         assert 0 <= mem["data_used_max_nbytes"] <= mem["data_capacity_nbytes"]
         assert p["bytes_paged_out"] >= 0 and p["bytes_paged_in"] >= 0
         assert p["client"]["cpu_frac"] >= 0 and p["slo_p99_ms"] == 1000.0
+        assert p["worker_wait_per_call_ms"] > 0 and p["swap"]["worker_calls"] > 0
+        assert p["room_wait_s"] == p["swap"]["room_waits"]["wait_s"] >= 0
         assert "--policy" in p["daemon_flags"] and not any("/" in f for f in p["daemon_flags"])
         if p["mode"] in ("none", "recompute"):
             assert p["bytes_paged_out"] == 0
