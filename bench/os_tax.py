@@ -27,7 +27,7 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
 - where the time goes (warm): from `stat` before and after the warm rounds, the daemon's mean time per forward
   (dispatch to reply written) and the device worker's busy time per forward; with the client's mean they split
   the overhead into the client and wire, the daemon around the worker, and the worker itself. The worker's mean
-  wait per call (submission to start) is the hand-off to its thread.
+  wait per call (submission to start) is mostly the hand-off to its thread.
 Targets (warm): full forward <= 1% over native, one layer <= 5%; the micro-op is reported as it is.
 """
 
@@ -195,8 +195,9 @@ def _daemon_means_ms(before: tuple[int, float, int, float, float], after: tuple[
     the daemon's own time per forward (dispatch to reply written) and the device worker's busy time per forward
     (which also holds the untimed open and close of each forward's session). The client's mean minus the
     daemon's is the wire, the client library and the wake-ups on both ends; the daemon's minus the worker's is
-    dispatch, the hand-offs to the worker and back, and the reply. The worker's wait per call is the hand-off
-    to its thread (with nothing queued ahead: this bench is the only client)."""
+    dispatch, the hand-offs to the worker and back, and the reply. The worker's wait per call is mostly the
+    hand-off to its thread: this bench is the only client, though a call may also wait for the tail of the one
+    before it, whose reply left early."""
     forwards = after[0] - before[0]
     if forwards != n_forwards:
         raise RuntimeError(f"djinnd counted {forwards} forwards in the warm rounds, the bench made {n_forwards}")
