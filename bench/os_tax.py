@@ -37,7 +37,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -181,16 +181,24 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
         rows.append(["  one bare block, native", bare, float("nan"), float("nan"), float("nan")])
 
 
-def _daemon_counters(k: Any) -> tuple[int, float, int, float, float]:
-    """(forward count, forward total_s, worker calls, worker busy_s, worker wait_s) from `stat`."""
+class _Counters(NamedTuple):
+    """djinnd's counters that split a warm forward's time, from one `stat`."""
+
+    forwards: int
+    forward_s: float
+    worker_calls: int
+    worker_busy_s: float
+    worker_wait_s: float
+
+
+def _daemon_counters(k: Any) -> _Counters:
     st = k.stat()
     fwd, worker = st["syscalls"].get("forward", {}), st["worker"]
-    return (int(fwd.get("count", 0)), float(fwd.get("total_s", 0.0)), int(worker["calls"]), float(worker["busy_s"]),
-            float(worker["wait_s"]))
+    return _Counters(int(fwd.get("count", 0)), float(fwd.get("total_s", 0.0)), int(worker["calls"]),
+                     float(worker["busy_s"]), float(worker["wait_s"]))
 
 
-def _daemon_means_ms(before: tuple[int, float, int, float, float], after: tuple[int, float, int, float, float],
-                     n_forwards: int) -> dict[str, float]:
+def _daemon_means_ms(before: _Counters, after: _Counters, n_forwards: int) -> dict[str, float]:
     """Where the warm djinnd forwards' time went, as means over the warm rounds (the bench is djinnd's only client):
     the daemon's own time per forward (dispatch to reply written) and the device worker's busy time per forward
     (which also holds the untimed open and close of each forward's session). The client's mean minus the
@@ -198,13 +206,14 @@ def _daemon_means_ms(before: tuple[int, float, int, float, float], after: tuple[
     dispatch, the hand-offs to the worker and back, and the reply. The worker's wait per call is mostly the
     hand-off to its thread: this bench is the only client, though a call may also wait for the tail of the one
     before it, whose reply left early."""
-    forwards = after[0] - before[0]
+    forwards = after.forwards - before.forwards
     if forwards != n_forwards:
         raise RuntimeError(f"djinnd counted {forwards} forwards in the warm rounds, the bench made {n_forwards}")
-    return {"daemon_forward_mean_ms": (after[1] - before[1]) / forwards * 1e3,
-            "worker_per_forward_mean_ms": (after[3] - before[3]) / forwards * 1e3,
-            "worker_calls_per_forward": (after[2] - before[2]) / forwards,
-            "worker_wait_per_call_mean_ms": (after[4] - before[4]) / max(1, after[2] - before[2]) * 1e3}
+    calls = after.worker_calls - before.worker_calls
+    return {"daemon_forward_mean_ms": (after.forward_s - before.forward_s) / forwards * 1e3,
+            "worker_per_forward_mean_ms": (after.worker_busy_s - before.worker_busy_s) / forwards * 1e3,
+            "worker_calls_per_forward": calls / forwards,
+            "worker_wait_per_call_mean_ms": (after.worker_wait_s - before.worker_wait_s) / max(1, calls) * 1e3}
 
 
 def _bare_layer_ms(su: Any, n_tokens: int, n: int) -> Callable[[Any], float]:

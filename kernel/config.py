@@ -146,8 +146,8 @@ SETTINGS: tuple[Setting, ...] = (
             "decode pass when they arrive together; 1: every step runs alone"),
     Setting("cuda_streams", _pos_int, 4, "CUDA compute streams the sessions are spread over (each session's work on one)"),
     Setting("worker_spin_us", _nonneg_float, 2000.0, "how long the device worker polls for its next call after "
-            "each one before it sleeps (CUDA only; 0: sleep at once). A worker woken from sleep runs model code "
-            "slower: its core has idled. Polling lets go of the GIL between polls"),
+            "each one before it sleeps (CUDA only; 0: sleep at once), to spare the next call the wake-up of a "
+            "sleeping thread; it lets go of the GIL between polls"),
     Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop keeps"),
     Setting("shutdown_timeout_s", _nonneg_float, 10.0, "on SIGTERM, how long in-flight requests may finish before they fail with ESHUTDOWN"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level"),

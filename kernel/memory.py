@@ -248,8 +248,7 @@ class Memory:
     def request_ended(self) -> None:
         """A session's request ended and its lock is free: the policy may page it out now, so the waiter at
         the front, if any, tries again."""
-        if self.room.waiting:
-            self.room.notify()
+        self.room.notify()
 
     async def free_arena(self, s: Session, explicit: bool = False) -> None:
         if s.arena is None:
