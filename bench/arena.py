@@ -2,9 +2,14 @@
 
 Figures (targets: p50 <= 5 us, flat in size, growing no faster than log n in the count):
 - `vmu`: `VMU.alloc_arena` + `VMU.free_arena`, the real path that hands out an Arena;
-- `allocator`: the pure RangeAllocator under it, alone, for comparison.
-Each trial frees one random live arena and allocates a new one, so holes move
-around as they would under sessions coming and going. The trials of a configuration
+- `allocator`: the pure RangeAllocator under it, alone, for comparison;
+- `tlsf`: the same allocator with quick reuse off (quick_limit=0): every free merges
+  and every alloc searches the size classes and splits, the path of a request whose
+  size no freed range has.
+Each trial frees one random live arena and allocates a new one of the same size, so
+holes move around as they would under sessions coming and going; since sessions of
+one model share an arena size, `vmu` and `allocator` take the allocator's quick reuse
+(the range just freed goes to the next request of its size). The trials of a configuration
 are split over --rounds passes through all configurations, so a noisy stretch of a
 shared host lands on every configuration a little rather than on one entirely; the
 percentiles are over all of a configuration's trials. Every other trial times the
@@ -105,8 +110,8 @@ def _trials(path: str, segment: str, device: torch.device, size: int, n_live: in
     gc.collect()  # the last configuration's VMU (its arenas and it refer to each other) goes here
     if device.type == "cuda":
         torch.cuda.empty_cache()  # and its real segment back to the device, or this one could find no room
-    if path == "allocator":
-        a = RangeAllocator(capacity, 256, name="data segment")
+    if path in ("allocator", "tlsf"):
+        a = RangeAllocator(capacity, 256, name="data segment", **({"quick_limit": 0} if path == "tlsf" else {}))
         live: list[Any] = [a.alloc(size) for _ in range(n_live)]
         allocs, frees, pairs = _time_pairs(n_trials, live, a.free, lambda: a.alloc(size), rng)
         frag = a.fragmentation
@@ -153,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:
         for n in counts:
             configs.append(("allocator", "none", size, n))
+            configs.append(("tlsf", "none", size, n))
             configs.append(("vmu", "meta", size, n))
             if (n + 1) * size <= real_cap:
                 configs.append(("vmu", "real", size, n))
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                        **_summary(*config, *samples[config], rounds=rounds))
             for config in configs if config in samples]
     by = {(r["path"], r["segment"], r["arena_nbytes"], r["n_live"]): r for r in rows}
-    for path, segment in (("vmu", "meta"), ("allocator", "none")):
+    for path, segment in (("vmu", "meta"), ("allocator", "none"), ("tlsf", "none")):
         for size in sizes:
             lo, hi = by.get((path, segment, size, counts[0])), by.get((path, segment, size, counts[-1]))
             if lo and hi and counts[-1] > counts[0]:

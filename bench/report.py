@@ -56,10 +56,17 @@ def _run_model(records: list[dict[str, Any]]) -> str:
 
 
 def _run_variant(records: list[dict[str, Any]]) -> str:
-    """How the run differs from the benchmark's default way of running: "" for the default. A client
-    that busy-polls for replies (client_busy_poll_us > 0) is the one variant so far."""
+    """How the run differs from the benchmark's default way of running: "" for the default. So far: a
+    client that busy-polls for replies (client_busy_poll_us > 0), and djinnd started with an explicit
+    --worker-spin-us (daemon_worker_spin_us)."""
+    parts = []
     polls = {rec.get("client_busy_poll_us") or 0 for rec in records}
-    return f"client busy-polls {polls.pop():g} us" if len(polls) == 1 and 0 not in polls else ""
+    if len(polls) == 1 and 0 not in polls:
+        parts.append(f"client busy-polls {polls.pop():g} us")
+    spins = {rec.get("daemon_worker_spin_us") for rec in records}
+    if len(spins) == 1 and None not in spins:
+        parts.append(f"djinnd --worker-spin-us {spins.pop():g}")
+    return ", ".join(parts)
 
 
 def _runs(results: Path, include_quick: bool) -> dict[Key, list[tuple[float, list[dict[str, Any]]]]]:

@@ -3,7 +3,9 @@
 Pure Python, no torch: the Data segment, the Text segment and the host pool each
 own one. Rules:
   - every range (free or used) starts and ends on a multiple of `align`;
-  - no two free ranges touch: a freed range merges with its free neighbours at once;
+  - no two free ranges touch: a freed range merges with its free neighbours at once,
+    except the few held back for reuse (below), which merge before anything could
+    tell the difference;
   - used + free == capacity, always; a failed alloc changes nothing;
   - alloc fails (OutOfMemory) only when no free range is large enough.
 
@@ -18,6 +20,14 @@ that size; alloc and free keep it exact in O(1), and when the last range of that
 goes it is found again, at the next query only, in the top non-empty class (classes
 are ordered by size, so the largest free range is one of that class's members).
 
+Quick reuse: up to `quick_limit` freed ranges (default QUICK_LIMIT) are held back,
+unmerged, and the next request of exactly their size takes the latest of them
+(LIFO), with no merge on free and no split on alloc. Session churn is that case:
+every session of a model gets the same arena size. They count as free in every
+figure. Anything that could see that they are not merged (largest_free_nbytes and
+what derives from it, free_ranges, n_free_ranges, try_extend, alloc_at, an alloc
+that finds no other fit) first merges them, as free would have.
+
 Not thread-safe: the owner (the VMU) serialises calls under its lock.
 """
 
@@ -25,11 +35,12 @@ from __future__ import annotations
 
 from ..errors import BadArgument, OutOfMemory
 
-__all__ = ["AT_SCAN_LIMIT", "RangeAllocator", "SL_BITS", "SCAN_LIMIT"]
+__all__ = ["AT_SCAN_LIMIT", "QUICK_LIMIT", "RangeAllocator", "SL_BITS", "SCAN_LIMIT"]
 
 SL_BITS = 4  # 2**SL_BITS size classes per power of two: a class spans at most 1/16 of its lower bound
 SCAN_LIMIT = 8  # members of the request's own class inspected for a fit before taking a larger class
 AT_SCAN_LIMIT = 64  # free ranges alloc_at inspects, at most, for the one holding the span it wants
+QUICK_LIMIT = 8  # freed ranges held back, unmerged, for the next request of their exact size
 
 
 def _class_of(units: int) -> int:
@@ -53,18 +64,22 @@ class RangeAllocator:
 
     `alloc(nbytes) -> offset` raises OutOfMemory (nothing changed) or BadArgument (nbytes <= 0);
     `free(offset) -> nbytes` raises BadArgument for an offset it did not hand out (double free).
+    `quick_limit`: how many freed ranges may wait unmerged for a request of their size (0: none).
     """
 
     __slots__ = (
         "name", "capacity", "align", "_shift", "_used", "_free_start", "_free_end",
         "_classes", "_bitmap", "_bits", "_largest", "_n_largest", "_memo", "used_nbytes",
+        "quick_limit", "_quick", "_n_quick",
     )
 
-    def __init__(self, capacity: int, align: int = 256, *, name: str = "range") -> None:
+    def __init__(self, capacity: int, align: int = 256, *, name: str = "range", quick_limit: int = QUICK_LIMIT) -> None:
         if align <= 0 or align & (align - 1):
             raise BadArgument(f"{name}: align must be a power of two, got {align}")
         if capacity < 0:
             raise BadArgument(f"{name}: capacity must be >= 0, got {capacity}")
+        if quick_limit < 0:
+            raise BadArgument(f"{name}: quick_limit must be >= 0, got {quick_limit}")
         self.name = name
         self.align = align
         self._shift = align.bit_length() - 1
@@ -83,7 +98,10 @@ class RangeAllocator:
         self._largest = 0
         self._n_largest = 0
         self._memo: dict[int, tuple[int, int]] = {}  # aligned size -> (own class, fitting class)
-        self.used_nbytes = 0
+        self.used_nbytes = 0  # quick ranges are not used: they count as free
+        self.quick_limit = quick_limit
+        self._quick: dict[int, list[int]] = {}  # aligned size -> starts of freed ranges held back (no empty lists)
+        self._n_quick = 0
         if self.capacity:
             self._insert(0, self.capacity)
 
@@ -95,6 +113,8 @@ class RangeAllocator:
     @property
     def largest_free_nbytes(self) -> int:
         """The largest free range, exact. O(1) while cached; else O(members of the top non-empty class)."""
+        if self._n_quick:
+            self.merge_quick()
         if not self._n_largest:
             bitmap = self._bitmap
             if not bitmap:
@@ -117,6 +137,8 @@ class RangeAllocator:
 
     @property
     def n_free_ranges(self) -> int:
+        if self._n_quick:
+            self.merge_quick()
         return len(self._free_start)
 
     @property
@@ -151,6 +173,15 @@ class RangeAllocator:
             raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
         align = self.align
         size = (nbytes + align - 1) & -align
+        held = self._quick.get(size)
+        if held is not None:  # a freed range of exactly this size, held back: no search, no split
+            start = held.pop()
+            if not held:
+                del self._quick[size]
+            self._n_quick -= 1
+            self._used[start] = size
+            self.used_nbytes += size
+            return start
         memo, classes, bitmap = self._memo, self._classes, self._bitmap
         own, fit = memo.get(size) or self._classes_for(size)
         start = -1
@@ -165,6 +196,9 @@ class RangeAllocator:
             elif fit != own and (bitmap >> own) & 1:
                 start = self._scan(classes[own], size, None)  # near-full: look at every member
             if start < 0:
+                if self._n_quick:  # merged, the ranges held back may make room
+                    self.merge_quick()
+                    return self.alloc(nbytes)
                 raise OutOfMemory(
                     f"{self.name}", requested_nbytes=size,
                     largest_free_nbytes=self.largest_free_nbytes, total_free_nbytes=self.free_nbytes,
@@ -200,12 +234,32 @@ class RangeAllocator:
         return start
 
     def free(self, offset: int) -> int:
-        """Return the range at `offset`; merges it with free neighbours. Returns its size in bytes."""
+        """Return the range at `offset`: held back for a request of its size while fewer than quick_limit
+        are, else merged with its free neighbours. Returns its size in bytes."""
         size = self._used.pop(offset, 0)
         if not size:
             raise BadArgument(f"{self.name}: free of offset {offset}, which is not an allocated range "
                               "(double free?)")
         self.used_nbytes -= size
+        if self._n_quick < self.quick_limit:
+            held = self._quick.get(size)
+            if held is None:
+                self._quick[size] = [offset]
+            else:
+                held.append(offset)
+            self._n_quick += 1
+            return size
+        return self._merge_free(offset, size)
+
+    def merge_quick(self) -> None:
+        """Merge every range held back for quick reuse into the free lists, as free would have."""
+        quick, self._quick, self._n_quick = self._quick, {}, 0
+        for size, starts in quick.items():
+            for offset in starts:
+                self._merge_free(offset, size)
+
+    def _merge_free(self, offset: int, size: int) -> int:
+        """File the free range [offset, +size) (already counted as free), merged with its free neighbours."""
         free_start, free_end = self._free_start, self._free_end
         end = offset + size
         right = free_start.get(end)
@@ -266,6 +320,8 @@ class RangeAllocator:
         """Grow the used range at `offset` in place to `nbytes` (rounded up) if the free range right
         after it has room. True on success; False (nothing changed) otherwise. Never shrinks."""
         old = self.size_of(offset)
+        if self._n_quick:
+            self.merge_quick()
         size = self.round_up(nbytes)
         if size <= old:
             return True
@@ -287,6 +343,8 @@ class RangeAllocator:
         classes large enough to hold it, so this is O(1); a span it does not find is reported as not free."""
         if nbytes <= 0:
             raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
+        if self._n_quick:
+            self.merge_quick()
         size = self.round_up(nbytes)
         end = offset + size
         if offset < 0 or offset % self.align or end > self.capacity:
@@ -364,7 +422,10 @@ class RangeAllocator:
 
     # ------------------------------------------------------- for tests/debug
     def free_ranges(self) -> list[tuple[int, int]]:
-        """Sorted (start, nbytes) of free ranges. O(n log n); for tests and debugging."""
+        """Sorted (start, nbytes) of free ranges, the ones held back merged first. O(n log n); for tests and
+        debugging."""
+        if self._n_quick:
+            self.merge_quick()
         return sorted(self._free_start.items())
 
     def used_ranges(self) -> list[tuple[int, int]]:
@@ -374,8 +435,11 @@ class RangeAllocator:
     def check(self) -> None:
         """Assert every invariant (O(n log n)); changes nothing. Raises AssertionError naming the first broken one."""
         a = self.align
+        quick = [(o, s, "quick") for s, starts in self._quick.items() for o in starts]
+        assert all(self._quick.values()), "an empty list of ranges held back"
+        assert len(quick) == self._n_quick <= self.quick_limit, "count of ranges held back drifted"
         spans = sorted([(o, s, "used") for o, s in self._used.items()]
-                       + [(o, s, "free") for o, s in self._free_start.items()])
+                       + [(o, s, "free") for o, s in self._free_start.items()] + quick)
         pos = 0
         prev_kind = None
         for o, s, kind in spans:
@@ -385,7 +449,8 @@ class RangeAllocator:
             pos, prev_kind = o + s, kind
         assert pos == self.capacity, f"ranges end at {pos}, capacity is {self.capacity}"
         assert self.used_nbytes == sum(self._used.values()), "used_nbytes drifted"
-        assert self.used_nbytes + sum(self._free_start.values()) == self.capacity, "used + free != capacity"
+        assert self.used_nbytes + sum(self._free_start.values()) + sum(s for _, s, _ in quick) == self.capacity, \
+            "used + free != capacity"
         assert {e: o for o, s in self._free_start.items() for e in [o + s]} == self._free_end, "end index drifted"
         filed = {o: s for members in self._classes for o, s in members.items()}
         assert filed == self._free_start, "size classes drifted from the free list"

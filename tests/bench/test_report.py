@@ -56,6 +56,19 @@ def test_a_run_with_a_busy_polling_client_is_kept_beside_the_default_run(tmp_pat
     assert "## os_tax on GPU-X, dummy:gpt2 (client busy-polls 5000 us)" in render(latest)
 
 
+def test_a_run_with_djinnd_started_with_an_explicit_worker_spin_is_kept_apart(tmp_path: Path) -> None:
+    def rec(run: str, t: float, spin: int | None, poll: float = 0.0) -> dict:
+        r = _rec(run, t, "dummy:gpt2", "probe", 1.0) | {"bench": "os_tax", "client_busy_poll_us": poll}
+        return r if spin is None else r | {"daemon_worker_spin_us": spin}
+
+    _write(tmp_path / "os_tax.jsonl", [rec("default", 1.0, None), rec("asleep", 2.0, 0), rec("both", 3.0, 0, 500.0)])
+    latest = load(tmp_path, include_quick=False)
+    assert {k[3]: v[0]["run_id"] for k, v in latest.items()} == {
+        "": "default", "djinnd --worker-spin-us 0": "asleep",
+        "client busy-polls 500 us, djinnd --worker-spin-us 0": "both"}
+    assert "## os_tax on GPU-X, dummy:gpt2 (djinnd --worker-spin-us 0)" in render(latest)
+
+
 def test_earlier_runs_of_the_latest_commit_are_shown_with_their_targets(tmp_path: Path) -> None:
     def rec(run: str, t: float, commit: str, ratio: float, metric: str = "null_round_trip") -> dict:
         r = {"bench": "rpc", "device": "GPU-X", "run_id": run, "time_unix": t, "quick": False,

@@ -44,7 +44,7 @@ def test_arena_quick(tmp_path: Path) -> None:
                    "--rounds", "3", config=False)
     rows = _of(records, "arena_free_alloc")
     assert {(r["path"], r["arena_mib"], r["n_live"]) for r in rows} >= {
-        (path, mib, n) for path in ("vmu", "allocator") for mib in (64, 4096) for n in (1, 100)}
+        (path, mib, n) for path in ("vmu", "allocator", "tlsf") for mib in (64, 4096) for n in (1, 100)}
     for r in rows:
         assert r["n_trials"] == 300 and r["rounds"] == 3  # the rounds' trials pooled
         assert r["n_pair_trials"] == 150  # every other trial times the pair as one interval
@@ -53,7 +53,7 @@ def test_arena_quick(tmp_path: Path) -> None:
     [clock] = _of(records, "arena_clock")
     _positive(clock, "clock_p50_us")
     assert {(r["path"], r["arena_nbytes"]) for r in _of(records, "arena_scaling")} == {
-        (path, mib << 20) for path in ("vmu", "allocator") for mib in (64, 4096)}
+        (path, mib << 20) for path in ("vmu", "allocator", "tlsf") for mib in (64, 4096)}
 
 
 def test_swap_quick(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from djinn.drivers.errors import BadArgument, OutOfMemory
-from djinn.drivers.vmu.allocator import SCAN_LIMIT, RangeAllocator, _class_at_least, _class_of
+from djinn.drivers.vmu.allocator import QUICK_LIMIT, SCAN_LIMIT, RangeAllocator, _class_at_least, _class_of
 
 
 def test_alloc_is_aligned_and_rounded() -> None:
@@ -28,7 +28,7 @@ def test_capacity_is_floored_to_alignment() -> None:
 
 
 def test_free_coalesces_both_neighbours() -> None:
-    a = RangeAllocator(4096, 256)
+    a = RangeAllocator(4096, 256, quick_limit=0)
     x, y, z = a.alloc(256), a.alloc(256), a.alloc(256)
     a.free(x)
     a.free(z)
@@ -124,7 +124,7 @@ def test_alloc_succeeds_whenever_some_range_fits() -> None:
 
 def test_largest_free_counts_ties_and_searches_only_when_the_last_goes() -> None:
     """Equal largest ranges are counted; taking one leaves the figure exact; taking the last makes it search."""
-    a = RangeAllocator(1 << 20, 256)
+    a = RangeAllocator(1 << 20, 256, quick_limit=0)
     x, _, y, _ = a.alloc(4096), a.alloc(256), a.alloc(4096), a.alloc(256)
     a.alloc(a.free_nbytes)  # no tail: the free ranges are the holes made below
     a.free(x), a.free(y)
@@ -160,6 +160,55 @@ def test_largest_free_is_exact_under_random_churn(ops: list[tuple[bool, int, boo
     assert a.largest_free_nbytes == max((s for _, s in a.free_ranges()), default=0)
 
 
+def test_a_freed_range_is_held_back_for_the_next_request_of_its_size() -> None:
+    """Quick reuse: the latest freed range of a size goes to the next request of that size, unmerged; it
+    counts as free meanwhile."""
+    a = RangeAllocator(1 << 20, 256)
+    x, y, z = a.alloc(4096), a.alloc(4096), a.alloc(1000)
+    a.free(x), a.free(y)
+    assert a._n_quick == 2 and a._free_start == {z + 1024: (1 << 20) - z - 1024}  # neither merged
+    assert a.used_nbytes == a.size_of(z) and a.free_nbytes == a.capacity - a.size_of(z)
+    a.check()
+    assert a.alloc(4000) == y  # same rounded size: the latest held back first
+    assert a.alloc(4096) == x
+    assert a._n_quick == 0
+    a.free(z)
+    assert a.alloc(1024) == z
+    a.check()
+
+
+def test_ranges_held_back_merge_before_anything_could_tell() -> None:
+    """A request that fits only once they merge, the figures, try_extend and alloc_at all see them merged."""
+    a = RangeAllocator(4 * 256, 256)
+    r = [a.alloc(256) for _ in range(4)]
+    a.free(r[1]), a.free(r[2])
+    assert a.alloc(512) == r[1]  # no other room: the two merged, as free would have merged them
+    a.check()
+    a.free(r[3])
+    assert a.try_extend(r[1], 768)  # into the range held back right after it
+    a.free(r[0])
+    assert a.alloc_at(0, 256) and a._n_quick == 0  # the range held back, where it was
+    assert a.free_nbytes == 0
+    a.free(r[1]), a.free(r[0])
+    assert a._n_quick == 2 and a.largest_free_nbytes == 1024 and a._n_quick == 0
+    a.check()
+
+
+def test_quick_limit_bounds_the_ranges_held_back() -> None:
+    a = RangeAllocator(1 << 20, 256)
+    live = [a.alloc(256 * (i + 1)) for i in range(QUICK_LIMIT + 3)]
+    for o in live:
+        a.free(o)
+    assert a._n_quick == QUICK_LIMIT  # the rest merged at once
+    a.check()
+    assert a.free_ranges() == [(0, 1 << 20)]  # and everything merges before it is listed
+    none = RangeAllocator(1 << 20, 256, quick_limit=0)
+    none.free(none.alloc(256))
+    assert none._n_quick == 0 and none._free_start == {0: 1 << 20}
+    with pytest.raises(BadArgument, match="quick_limit"):
+        RangeAllocator(1024, 256, quick_limit=-1)
+
+
 @given(st.integers(1, 1 << 40), st.integers(1, 1 << 40))
 def test_size_classes_are_monotonic_and_fitting(u: int, v: int) -> None:
     if u <= v:
@@ -177,10 +226,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.a = RangeAllocator(0)
         self.model: dict[int, int] = {}  # offset -> nbytes handed out
 
-    @initialize(units=st.integers(0, 512), align_log=st.integers(0, 10))
-    def setup(self, units: int, align_log: int) -> None:
+    @initialize(units=st.integers(0, 512), align_log=st.integers(0, 10), quick=st.integers(0, 3))
+    def setup(self, units: int, align_log: int, quick: int) -> None:
         align = 1 << align_log
-        self.a = RangeAllocator(units * align + align // 2, align)
+        self.a = RangeAllocator(units * align + align // 2, align, quick_limit=quick)
 
     @rule(nbytes=st.integers(1, 1 << 16))
     def alloc(self, nbytes: int) -> None:
