@@ -12,6 +12,7 @@ import torch
 from djinn.drivers.errors import BadArgument, Busy, OutOfMemory
 from djinn.kernel.errors import EBUSY, ECANCELED, EINVAL, EIO, ENOMEM
 from djinn.kernel.worker import DeviceWorker
+from tests.daemon import LiveDaemon, daemon_config
 
 
 @pytest.fixture
@@ -112,18 +113,18 @@ def _thread_cpu_s(thread: threading.Thread) -> float:
 
 
 async def test_a_polling_worker_takes_calls_while_it_polls_then_sleeps():
-    w = DeviceWorker(spin_s=0.3)
+    w = DeviceWorker(spin_s=0.5)
     try:
         await w.run(lambda: None)
         cpu0 = _thread_cpu_s(w._thread)
-        await asyncio.sleep(0.05)  # within the window: the worker polls, and so spends CPU time
+        await asyncio.sleep(0.1)  # within the window: the worker polls, and so spends CPU time
         polled = _thread_cpu_s(w._thread) - cpu0
         assert await w.run(lambda: 41 + 1) == 42  # picked up by a poll
-        await asyncio.sleep(0.6)  # past the window: asleep on its queue, spending nothing
+        await asyncio.sleep(0.8)  # past the window: asleep on its queue, spending nothing
         cpu1 = _thread_cpu_s(w._thread)
         await asyncio.sleep(0.2)
         asleep = _thread_cpu_s(w._thread) - cpu1
-        assert polled > 0.01 and asleep < 0.005, (polled, asleep)
+        assert polled > 0.005 and asleep < 0.005, (polled, asleep)  # loose: a loaded host shares the cores
         assert await w.run(lambda: "woken") == "woken" and w.calls == 3
     finally:
         await asyncio.get_running_loop().run_in_executor(None, w.close)  # close() also ends a poll
@@ -141,8 +142,12 @@ async def test_a_worker_without_polling_sleeps_at_once():
         w.close()
 
 
-def test_the_daemon_polls_only_on_cuda(djinnd):
-    assert djinnd.config.worker_spin_us > 0 and djinnd.kernel.worker.spin_s == 0  # a CPU daemon: torch needs the core
+def test_the_daemon_polls_only_on_cuda():
+    d = LiveDaemon(daemon_config(worker_spin_us=500.0)).start()
+    try:
+        assert d.kernel.worker.spin_s == 0  # a CPU daemon: torch needs the core
+    finally:
+        d.stop()
 
 
 async def test_close_runs_what_is_queued_then_refuses_new_work():
