@@ -450,6 +450,20 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _batched_decode(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """The default model's batched decode passes during the probe (from `models` before and after): passes,
+    the tokens they made (sequences), graph captures and replays, and the mean tokens per pass. Decode
+    steps that ran alone are not among them."""
+    def counters(models: dict[str, Any]) -> dict[str, int]:
+        return next(m["batched_decode"] for m in models["models"] if m["name"] == models["default"])
+
+    a, b = counters(after), counters(before)
+    out = {key: a[key] - b[key] for key in ("steps", "sequences", "captures", "replays")}
+    out["passes"] = out.pop("steps")
+    out["tokens_per_pass"] = out["sequences"] / out["passes"] if out["passes"] else None
+    return out
+
+
 def _memory_summary(rows: list[list[float]], capacity: int) -> dict[str, Any]:
     used = [r[1] for r in rows] or [0]
     stride = max(1, len(rows) // 60)
@@ -505,6 +519,7 @@ async def run_probe(path: str, mode: Mode, agents: int, w: Workload, seed: int) 
         if (await asyncio.wait({sampler}, timeout=HANG_S))[1]:
             sampler.cancel()
         after = before if hung else await asyncio.wait_for(ctl.stat(), HANG_S)
+        models_after = models if hung else await asyncio.wait_for(ctl.syscall("models"), HANG_S)
     finally:
         await ctl.close()
     capacity = before["memory"]["segments"]["data"]["capacity_nbytes"]
@@ -520,6 +535,7 @@ async def run_probe(path: str, mode: Mode, agents: int, w: Workload, seed: int) 
         # queueing on the device worker (each call's submission to start), and requests' waits for memory
         "worker_wait_per_call_ms": delta["worker_wait_s"] / max(1, delta["worker_calls"]) * 1e3,
         "room_wait_s": delta["room_waits"]["wait_s"],
+        "batched_decode": _batched_decode(models_after, models),
         "memory": _memory_summary(rows, capacity),
         "client": _client(cpu_s, wall_s, lags, agents + 1),
         "daemon_cpu_frac": (dcpu1 - dcpu0) / wall_s if dcpu0 is not None and dcpu1 is not None else None,

@@ -64,6 +64,9 @@ def test_quick_run_records_every_mode(tmp_path: Path) -> None:
         assert p["client"]["cpu_frac"] >= 0 and p["slo_p99_ms"] == 1000.0
         assert p["worker_wait_per_call_ms"] > 0 and p["swap"]["worker_calls"] > 0
         assert p["room_wait_s"] == p["swap"]["room_waits"]["wait_s"] >= 0
+        bd = p["batched_decode"]
+        assert bd["sequences"] >= bd["passes"] >= 0 and bd["captures"] == 0  # no graphs on the CPU
+        assert bd["tokens_per_pass"] is None if not bd["passes"] else bd["tokens_per_pass"] >= 1
         assert "--policy" in p["daemon_flags"] and not any("/" in f for f in p["daemon_flags"])
         if p["mode"] in ("none", "recompute"):
             assert p["bytes_paged_out"] == 0
