@@ -24,6 +24,8 @@ Rules:
   position may hold partial K/V, which nothing reads).
 - Sequences with steering are not batched (their per-layer ops differ): `batchable()` says so, and
   the caller runs them alone.
+- The model also runs a plain state's lone decode step on CUDA as a pass of one here
+  (LoadedModel._static_step), when `addresses(state)`: its arena is in the storage the graphs address.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..errors import Busy, NotFound
 from .arch import Arch
 from .cache import ArenaLayout
 from .graphs import capture_graph, key_bucket
@@ -160,6 +163,18 @@ class BatchDecoder:
         """Whether `state` may decode in a batch: not paused, no steering, its arena on the device."""
         return (state.paused_at is None and not state.steering
                 and getattr(state.arena, "residency", "device") == "device")
+
+    def addresses(self, state: SeqState) -> bool:
+        """Whether a pass for `state` keeps the captured graphs: its arena lives in the storage they address
+        (in djinnd every arena is in the Data segment), or none is bound yet. A state without a device
+        arena is left to the caller's checks (False)."""
+        if self._storage is None:
+            return True
+        try:
+            storage = state.views().rows.untyped_storage()
+        except (Busy, NotFound):
+            return False
+        return (storage.data_ptr(), storage.nbytes()) == self._storage
 
     def close(self) -> None:
         self.graphs.clear()

@@ -1,5 +1,9 @@
 """Static-shape decode steps over the arena, run eagerly or captured and replayed as CUDA graphs.
 
+On CUDA a plain session's lone step goes through the model's shared batch graphs instead (a pass of
+one, batch.py), which need no capture per state; a StaticDecoder serves steered states, arenas outside
+the storage those graphs address, and the "static" decode mode (the graph path's math, eagerly).
+
 Rules:
 - One `StaticDecoder` per SeqState (graphs bake in that arena's addresses). A step reads its token and
   position from device buffers filled with `fill_` (no host->device copy), writes its K/V row with

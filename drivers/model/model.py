@@ -264,10 +264,7 @@ class LoadedModel:
                 raise Busy("decode_batch: a generation is not between decode steps, or its state is paused, "
                            "steered or paged out")
             g._check_step()
-        batcher = self._batcher
-        graphs = self.decode_mode == "graph"
-        if batcher is None or batcher.use_graphs != graphs:
-            batcher = self._batcher = BatchDecoder(self.arch, self.layout, self.device, graphs)
+        batcher = self._batch_decoder()
         with torch.inference_mode():
             logits = batcher.step(states, [g._last for g in gens], streams)
             out: list[int | Exception] = []
@@ -278,6 +275,16 @@ class LoadedModel:
                     g.close()
                     out.append(exc)
             return out
+
+    def _batch_decoder(self) -> BatchDecoder:
+        """The model's one BatchDecoder, made at first use, remade when the decode mode changed."""
+        batcher = self._batcher
+        graphs = self.decode_mode == "graph"
+        if batcher is None or batcher.use_graphs != graphs:
+            if batcher is not None:
+                batcher.close()
+            batcher = self._batcher = BatchDecoder(self.arch, self.layout, self.device, graphs)
+        return batcher
 
     def batch_nbytes(self, n: int, max_position: int) -> int:
         """About the most transient device memory a batched pass of `n` sequences allocates when the
@@ -301,21 +308,20 @@ class LoadedModel:
 
     def _static_step(self, state: SeqState, token: int, out: Outputs) -> StepResult:
         graphs = self.decode_mode == "graph"
+        if graphs and BatchDecoder.batchable(state) and self._batch_decoder().addresses(state):
+            # A pass of one through the model's shared batch graphs: they address arenas by offset in one
+            # storage, so every state replays the same few graphs, where a StaticDecoder would capture
+            # graphs of its own for each new state, key bucket and arena generation (a capture costs
+            # several steps). Steered states, and arenas outside that storage, keep their StaticDecoder.
+            with torch.inference_mode():
+                logits = self._batch_decoder().step([state], [token])[0].clone()
+            return _step_result(logits, out, state.position)
         if state.static is not None and state.static.use_graphs != graphs:
             state.static.close()
             state.static = None
         if state.static is None:
             state.static = StaticDecoder(self.arch, self.device, state.max_tokens, graphs)
-        logits = state.static.step(state, token)
-        topk_ids = topk_logits = None
-        if isinstance(out.logits, int):
-            topk_logits, topk_ids = torch.topk(logits, out.logits)
-            logits = None
-        elif out.logits == "all":
-            logits = logits.unsqueeze(0)
-        elif out.logits == "none":
-            logits = None
-        return StepResult(logits, topk_ids, topk_logits, None, None, state.position, 1)
+        return _step_result(state.static.step(state, token), out, state.position)
 
     # -- plans ------------------------------------------------------------------------------------
     def plan(self, op: str, n_tokens: int, past: int = 0, batch: int = 1) -> Plan:
@@ -376,3 +382,16 @@ def _after_unfed(state: SeqState, ids: list[int] | torch.Tensor) -> list[int] | 
     if not state.unfed_ids:
         return ids
     return state.unfed_ids + (ids.tolist() if isinstance(ids, torch.Tensor) else ids)
+
+
+def _step_result(logits: torch.Tensor, out: Outputs, position: int) -> StepResult:
+    """A one-token step's result from its float32 logits [vocab], shaped as `out` asks."""
+    topk_ids = topk_logits = None
+    if isinstance(out.logits, int):
+        topk_logits, topk_ids = torch.topk(logits, out.logits)
+        logits = None
+    elif out.logits == "all":
+        logits = logits.unsqueeze(0)
+    elif out.logits == "none":
+        logits = None
+    return StepResult(logits, topk_ids, topk_logits, None, None, position, 1)

@@ -81,6 +81,19 @@ def test_batched_logits_and_cache_rows_match_single_steps(tiny, vmu, kind):
     assert batcher.stat() == {"steps": 1, "sequences": 5, "graphs": 0, "captures": 0, "replays": 0}
 
 
+def test_addresses_says_whether_a_state_lives_in_the_storage_the_graphs_address(tiny, vmu):
+    """A lone step goes through the shared batch decoder only for a state whose arena is in its storage."""
+    model = tiny("llama")
+    inside, other = states_in(vmu, model, 2), new_state(model, 96)  # `other`: an arena tensor of its own
+    batcher = BatchDecoder(model.arch, model.layout, model.device, use_graphs=False)
+    assert batcher.addresses(other) and batcher.addresses(inside[0])  # nothing bound yet
+    for s in inside:
+        model.forward(s, PROMPTS[0])
+    with torch.inference_mode():
+        batcher.step(inside, [1, 2])
+    assert batcher.addresses(inside[0]) and batcher.addresses(inside[1]) and not batcher.addresses(other)
+
+
 def test_sampling_and_stop_ids_per_session(tiny, vmu):
     model = tiny("gpt2")
     states = states_in(vmu, model, 2)
