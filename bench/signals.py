@@ -6,14 +6,16 @@ only a few arenas; per probe also wake-up latency, bytes paged, Data-segment use
 client's own CPU and event-loop lag (so a saturated client is visible, not mistaken for the kernel).
 
 Modes (each against its own djinnd, started with the policy flags below):
-- proactive: --policy proactive; IO_WAIT(expected_ms) before a tool call, COMPUTE on its return;
+- proactive: --policy proactive; IO_WAIT(expected_ms) before a tool call, COMPUTE on its return
+  (posted: the agent goes straight on to its generate, which the session runs after the signal);
 - proactive-lazy: the same signals with --proactive-mode lazy (page out only under pressure);
 - reactive: --policy reactive, no signals (idle sessions are paged out under pressure, LRU);
 - none: --policy none, no signals (nothing is paged; admission fails when the Data segment is full);
 - recompute: --policy none; the session is closed at the tool call and reopened on return with the
   whole context prefilled again (what vLLM does).
 A wake-up experiment (one agent alone: IO_WAIT with expected_ms, IO_WAIT without, no signal) runs on
-the proactive daemon before its first probe.
+the proactive daemon before its first probe. Wake-up is from COMPUTE (the tool's return) to the first
+token; COMPUTE is posted, as by the agents, so it is not a round trip of its own.
 Rules: a fresh djinnd per probe (or per mode with --daemon-per mode: counters are then taken as
 deltas and the daemon must be idle between probes); retryable ENOMEM is retried with bounded backoff
 and an agent that exhausts it has failed; every mode runs the same workload, seeds and SLO.
@@ -313,7 +315,7 @@ class Agent:
             return None
         t_back = _now()
         if self.mode.signals:
-            await self.session.signal_phase("COMPUTE")
+            await self.session.signal_phase("COMPUTE", wait=False)  # the generate follows it on the session
         return t_back
 
     async def _step(self, prompt: list[int], t0: float, *, first: bool, reopen: bool) -> list[int] | None:
@@ -569,7 +571,7 @@ async def run_wakeup(path: str, w: Workload, cycles: int, tool_s: float, seed: i
             await asyncio.sleep(tool_s)
             t_back = _now()
             if v != "never_paged":
-                await s.signal_phase("COMPUTE")
+                await s.signal_phase("COMPUTE", wait=False)
             async for _ in s.generate_stream([rng.randrange(256)], 1):
                 t_first = _now()
             if i < len(WAKE_VARIANTS):
