@@ -26,7 +26,8 @@ unmerged, and the next request of exactly their size takes the latest of them
 every session of a model gets the same arena size. They count as free in every
 figure. Anything that could see that they are not merged (largest_free_nbytes and
 what derives from it, free_ranges, n_free_ranges, try_extend, alloc_at, an alloc
-that finds no other fit) first merges them, as free would have.
+that finds no other fit) first merges them, as free would have; alloc_at of exactly such a range
+takes it as it is.
 
 Not thread-safe: the owner (the VMU) serialises calls under its lock.
 """
@@ -343,9 +344,18 @@ class RangeAllocator:
         classes large enough to hold it, so this is O(1); a span it does not find is reported as not free."""
         if nbytes <= 0:
             raise BadArgument(f"{self.name}: allocation size must be > 0 bytes, got {nbytes}")
-        if self._n_quick:
-            self.merge_quick()
         size = self.round_up(nbytes)
+        if self._n_quick:
+            held = self._quick.get(size)
+            if held is not None and offset in held:  # exactly a range held back (a page-in to its old range)
+                held.remove(offset)
+                if not held:
+                    del self._quick[size]
+                self._n_quick -= 1
+                self._used[offset] = size
+                self.used_nbytes += size
+                return True
+            self.merge_quick()
         end = offset + size
         if offset < 0 or offset % self.align or end > self.capacity:
             return False

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from djinn.drivers.errors import BadArgument, OutOfMemory
-from djinn.drivers.vmu.allocator import QUICK_LIMIT, SCAN_LIMIT, RangeAllocator, _class_at_least, _class_of
+from djinn.drivers.vmu.allocator import AT_SCAN_LIMIT, QUICK_LIMIT, SCAN_LIMIT, RangeAllocator, _class_at_least, _class_of
 
 
 def test_alloc_is_aligned_and_rounded() -> None:
@@ -178,7 +178,8 @@ def test_a_freed_range_is_held_back_for_the_next_request_of_its_size() -> None:
 
 
 def test_ranges_held_back_merge_before_anything_could_tell() -> None:
-    """A request that fits only once they merge, the figures, try_extend and alloc_at all see them merged."""
+    """A request that fits only once they merge, the figures, try_extend and alloc_at all see them merged;
+    alloc_at of exactly a range held back takes it as it is."""
     a = RangeAllocator(4 * 256, 256)
     r = [a.alloc(256) for _ in range(4)]
     a.free(r[1]), a.free(r[2])
@@ -187,7 +188,10 @@ def test_ranges_held_back_merge_before_anything_could_tell() -> None:
     a.free(r[3])
     assert a.try_extend(r[1], 768)  # into the range held back right after it
     a.free(r[0])
-    assert a.alloc_at(0, 256) and a._n_quick == 0  # the range held back, where it was
+    assert a.alloc_at(0, 256) and a._n_quick == 0  # exactly the range held back: taken as it is
+    a.free(r[0])
+    assert a.alloc_at(0, 512) is False and a._n_quick == 0  # more than it: merged first, and [256, 512) is used
+    assert a.alloc_at(0, 256)
     assert a.free_nbytes == 0
     a.free(r[1]), a.free(r[0])
     assert a._n_quick == 2 and a.largest_free_nbytes == 1024 and a._n_quick == 0
@@ -225,6 +229,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         super().__init__()
         self.a = RangeAllocator(0)
         self.model: dict[int, int] = {}  # offset -> nbytes handed out
+        self.freed: list[tuple[int, int]] = []  # (offset, nbytes) of recent frees: alloc_at asks for them back
 
     @initialize(units=st.integers(0, 512), align_log=st.integers(0, 10), quick=st.integers(0, 3))
     def setup(self, units: int, align_log: int, quick: int) -> None:
@@ -249,7 +254,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
         off = data.draw(st.sampled_from(sorted(self.model)))
-        assert self.a.free(off) == self.model.pop(off)
+        size = self.model.pop(off)
+        assert self.a.free(off) == size
+        self.freed = [*self.freed[-7:], (off, size)]
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), extra=st.integers(1, 1 << 14))
@@ -258,6 +265,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         if self.a.try_extend(off, self.model[off] + extra):
             self.model[off] = self.a.size_of(off)
             assert self.model[off] >= extra
+
+    @precondition(lambda self: self.a.capacity)
+    @rule(data=st.data(), nbytes=st.integers(1, 1 << 12))
+    def alloc_at(self, data: st.DataObject, nbytes: int) -> None:
+        """A range wanted at one place (a page-in's return home): granted only when all of it is free, and
+        always then while the free ranges are fewer than alloc_at looks at."""
+        a = self.a
+        source = data.draw(st.sampled_from(["anywhere", "used", "freed"]))
+        if source == "freed" and self.freed:  # a page-in to its old range: often one still held back
+            offset, nbytes = data.draw(st.sampled_from(self.freed))
+        elif source == "used" and self.model:
+            offset = data.draw(st.sampled_from(sorted(self.model)))
+        else:
+            offset = data.draw(st.integers(0, a.capacity // a.align)) * a.align
+        size = a.round_up(nbytes)
+        free = offset + size <= a.capacity and all(offset + size <= o or o + s <= offset for o, s in self.model.items())
+        few = len(a._free_start) + a._n_quick < AT_SCAN_LIMIT
+        if a.alloc_at(offset, nbytes):
+            assert free, "granted a span that is not free"
+            self.model[offset] = size
+        else:
+            assert not (free and few), "refused a free span"
 
     @rule()
     def largest(self) -> None:
