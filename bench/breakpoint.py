@@ -350,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
                    tags={"client_busy_poll_us": args.busy_poll_us, **spin_tags})
     rows: list[list[Any]] = []
     t_start = time.perf_counter()
-    with daemon(*daemon_flags(su, spec), *spin_flags) as path, djinn.connect(path, busy_poll_us=args.busy_poll_us) as k:
+    with (daemon(*daemon_flags(su, spec), *spin_flags) as path,
+          djinn.connect(path, busy_poll_us=args.busy_poll_us) as k):
         info = k.syscall("models")["models"][0]
         n_layers, vocab = int(info["layers"]), int(info["vocab_size"])
         layers = sorted({min(x, n_layers - 1) for x in (args.layers or [0, 3, 6, 9, 11])})

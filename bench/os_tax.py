@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
                attention="sdpa", **su.as_record())
     with tempfile.TemporaryDirectory(prefix="djinn-bench-") as tmp:
         one_layer_dir = save_one_layer(spec, Path(tmp) / "one-layer")
-        with daemon(*daemon_flags(su, spec), *spin_flags) as path, djinn.connect(path, busy_poll_us=args.busy_poll_us) as k:
+        with (daemon(*daemon_flags(su, spec), *spin_flags) as path,
+              djinn.connect(path, busy_poll_us=args.busy_poll_us) as k):
             vocab = int(k.syscall("models")["models"][0]["vocab_size"])
             ids = random_ids(n_tokens, vocab, seed=1)
             _micro(k, su, micro_n, rec, native_add_cold, a, b, rows)

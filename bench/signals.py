@@ -15,7 +15,8 @@ Modes (each against its own djinnd, started with the policy flags below):
   whole context prefilled again (what vLLM does).
 A wake-up experiment (one agent alone: IO_WAIT with expected_ms, IO_WAIT without, no signal) runs on
 the proactive daemon before its first probe. Wake-up is from COMPUTE (the tool's return) to the first
-token; COMPUTE is posted, as by the agents, so it is not a round trip of its own.
+token; COMPUTE is posted, as by the agents, so it is not a round trip of its own. It takes 60 cycles of
+each variant by default, so that its p50s are tight enough to judge a 1 ms target.
 Rules: a fresh djinnd per probe (or per mode with --daemon-per mode: counters are then taken as
 deltas and the daemon must be idle between probes); retryable ENOMEM is retried with bounded backoff
 and an agent that exhausts it has failed; every mode runs the same workload, seeds and SLO.
@@ -66,7 +67,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 
 FULL = dict(model="dummy:llama-1b", device="auto", modes=",".join(MODES), agents="1x:16x", slo_p99_ms=2000.0,
             tool_time="uniform:1:10", arrival_rate=10.0, context_tokens=1024, tool_tokens=32, decode_tokens=16,
-            duration_s=30.0, max_tokens=2048, resident_arenas=8, sample_ms=250.0, wakeup_cycles=20,
+            duration_s=30.0, max_tokens=2048, resident_arenas=8, sample_ms=250.0, wakeup_cycles=60,
             wakeup_tool_ms=400.0, daemon_per="probe")
 QUICK = dict(model="demo", device="cpu", modes=",".join(MODES), agents="1x,3x", slo_p99_ms=1000.0,
              tool_time="uniform:0.05:0.2", arrival_rate=100.0, context_tokens=64, tool_tokens=4, decode_tokens=2,
@@ -205,26 +206,27 @@ def daemon_flags(s: argparse.Namespace, mode: Mode, vmu_data: str) -> list[str]:
 
 
 class Daemons:
-    """djinnd sockets by flag list: a fresh daemon for each use (per "probe"), or one per distinct flag
-    list, kept until released (per "mode"; none and recompute then share theirs)."""
+    """djinnd sockets for the modes: a fresh daemon for each use (per "probe"), or one per mode, kept until
+    released (per "mode"). Modes never share one, though none and recompute have the same flags: each
+    mode's first probe then meets a daemon as cold as every other mode's."""
 
     def __init__(self, launch: Launcher, per: str) -> None:
         self.launch, self.per = launch, per
-        self._live: dict[tuple[str, ...], tuple[ContextManager[str], str]] = {}
+        self._live: dict[str, tuple[ContextManager[str], str]] = {}
 
     @contextlib.contextmanager
-    def use(self, flags: tuple[str, ...]) -> Iterator[str]:
+    def use(self, mode: str, flags: tuple[str, ...]) -> Iterator[str]:
         if self.per == "probe":
             with self.launch(*flags) as path:
                 yield path
             return
-        if flags not in self._live:
+        if mode not in self._live:
             cm = self.launch(*flags)
-            self._live[flags] = (cm, cm.__enter__())
-        yield self._live[flags][1]
+            self._live[mode] = (cm, cm.__enter__())
+        yield self._live[mode][1]
 
-    def release(self, flags: tuple[str, ...]) -> None:
-        live = self._live.pop(flags, None)
+    def release(self, mode: str) -> None:
+        live = self._live.pop(mode, None)
         if live is not None:
             live[0].__exit__(None, None, None)
 
@@ -232,8 +234,8 @@ class Daemons:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for flags in list(self._live):
-            self.release(flags)
+        for mode in list(self._live):
+            self.release(mode)
 
 
 # -- one probe ----------------------------------------------------------------------------------------
@@ -627,11 +629,9 @@ def run(args: argparse.Namespace, launch: Launcher = daemon) -> int:
     state = Run(s, w, rec, vmu_data, capacity, spec.kind, spec.resolve(capacity or 1))
     t0 = time.monotonic()
     with Daemons(launch, s.daemon_per) as daemons:
-        for i, name in enumerate(names):
-            flags = state.flags[MODES[name]]
+        for name in names:
             state.search(daemons, MODES[name])
-            if all(state.flags[MODES[m]] != flags for m in names[i + 1:]):
-                daemons.release(flags)
+            daemons.release(name)
     verdict = rec.record(kind="targets", model=s.model, config=state.config,
                          **targets(state.densities, state.probes, state.wakeups, state.bounded))
     report(state.probes, state.densities, state.bounded, state.wakeups, verdict, Path(s.output_dir))
@@ -659,13 +659,13 @@ class Run:
         """Probe `mode` until its density is found; record each probe and the density."""
         search = DensitySearch(self.kind, self.counts, self.s.resolution, self.s.exhaustive)
         while (n := search.next_probe()) is not None:
-            with daemons.use(self.flags[mode]) as path:
+            with daemons.use(mode.name, self.flags[mode]) as path:
                 if mode.name == "proactive" and not self.wakeups and self.s.wakeup_cycles > 0:
                     self._wakeup(path)
                 result = _run_async(run_probe(path, mode, n, self.w, self.s.seed + n))
             self._check_capacity(result)
             if result["hung_agents"]:
-                daemons.release(self.flags[mode])
+                daemons.release(mode.name)
             probe = self.rec.record(kind="probe", mode=mode.name, model=self.s.model, agents=n,
                                     slo_p99_ms=self.w.slo_p99_ms, daemon_flags=list(self.flags[mode]),
                                     config=self.config, **result)

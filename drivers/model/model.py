@@ -308,13 +308,14 @@ class LoadedModel:
 
     def _static_step(self, state: SeqState, token: int, out: Outputs) -> StepResult:
         graphs = self.decode_mode == "graph"
-        if graphs and BatchDecoder.batchable(state) and self._batch_decoder().addresses(state):
+        shared = self._batch_decoder() if graphs and BatchDecoder.batchable(state) else None
+        if shared is not None and shared.addresses(state):
             # A pass of one through the model's shared batch graphs: they address arenas by offset in one
             # storage, so every state replays the same few graphs, where a StaticDecoder would capture
             # graphs of its own for each new state, key bucket and arena generation (a capture costs
             # several steps). Steered states, and arenas outside that storage, keep their StaticDecoder.
             with torch.inference_mode():
-                logits = self._batch_decoder().step([state], [token])[0].clone()
+                logits = shared.step([state], [token])[0].clone()
             return _step_result(logits, out, state.position)
         if state.static is not None and state.static.use_graphs != graphs:
             state.static.close()

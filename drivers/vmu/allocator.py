@@ -26,8 +26,8 @@ unmerged, and the next request of exactly their size takes the latest of them
 every session of a model gets the same arena size. They count as free in every
 figure. Anything that could see that they are not merged (largest_free_nbytes and
 what derives from it, free_ranges, n_free_ranges, try_extend, alloc_at, an alloc
-that finds no other fit) first merges them, as free would have; alloc_at of exactly such a range
-takes it as it is.
+that finds no other fit) first merges them, as free would have; alloc_at of exactly
+such a range (a page-in back to its old addresses) takes it as it is.
 
 Not thread-safe: the owner (the VMU) serialises calls under its lock.
 """
@@ -74,7 +74,8 @@ class RangeAllocator:
         "quick_limit", "_quick", "_n_quick",
     )
 
-    def __init__(self, capacity: int, align: int = 256, *, name: str = "range", quick_limit: int = QUICK_LIMIT) -> None:
+    def __init__(self, capacity: int, align: int = 256, *, name: str = "range",
+                 quick_limit: int = QUICK_LIMIT) -> None:
         if align <= 0 or align & (align - 1):
             raise BadArgument(f"{name}: align must be a power of two, got {align}")
         if capacity < 0:
