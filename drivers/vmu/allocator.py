@@ -177,13 +177,7 @@ class RangeAllocator:
         size = (nbytes + align - 1) & -align
         held = self._quick.get(size)
         if held is not None:  # a freed range of exactly this size, held back: no search, no split
-            start = held.pop()
-            if not held:
-                del self._quick[size]
-            self._n_quick -= 1
-            self._used[start] = size
-            self.used_nbytes += size
-            return start
+            return self._take_held(size, held, held.pop())
         memo, classes, bitmap = self._memo, self._classes, self._bitmap
         own, fit = memo.get(size) or self._classes_for(size)
         start = -1
@@ -252,6 +246,15 @@ class RangeAllocator:
             self._n_quick += 1
             return size
         return self._merge_free(offset, size)
+
+    def _take_held(self, size: int, held: list[int], start: int) -> int:
+        """Hand out `start`, just taken off `held`, the list of the ranges of `size` held back."""
+        if not held:
+            del self._quick[size]
+        self._n_quick -= 1
+        self._used[start] = size
+        self.used_nbytes += size
+        return start
 
     def merge_quick(self) -> None:
         """Merge every range held back for quick reuse into the free lists, as free would have."""
@@ -350,11 +353,7 @@ class RangeAllocator:
             held = self._quick.get(size)
             if held is not None and offset in held:  # exactly a range held back (a page-in to its old range)
                 held.remove(offset)
-                if not held:
-                    del self._quick[size]
-                self._n_quick -= 1
-                self._used[offset] = size
-                self.used_nbytes += size
+                self._take_held(size, held, offset)
                 return True
             self.merge_quick()
         end = offset + size
