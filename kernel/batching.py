@@ -8,7 +8,8 @@ cost little more together than one alone (drivers/model/batch.py). Rules:
   of one model per pass.
 - The call groups its steps by model. Generations between decode steps (`batchable`) go through
   `model.decode_batch`; the rest (a prefill, a steered or paused session, a group of one) run alone
-  with `next()`, each on its session's stream, as every step did before. If a batched pass fails,
+  with `next()`, each on its session's stream, as every step did before (on CUDA the model runs a
+  plain lone step as a pass of one through the same shared graphs). If a batched pass fails,
   its steps run alone again, so each session gets its own outcome (nothing was committed); a
   sampling failure after the pass is that session's outcome alone.
 - A group is cut into passes in order of position, so sequences of like length run together, each
