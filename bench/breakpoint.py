@@ -33,8 +33,7 @@ import torch
 
 from bench._models import (add_model_args, daemon_flags, make_setup, print_table, random_ids, rel_l2, stats_ms,
                            time_native, timed)
-from bench.common import (Recorder, add_busy_poll_arg, add_worker_spin_arg, daemon, percentile, progress,
-                          worker_spin_tags)
+from bench.common import Recorder, add_busy_poll_arg, daemon, percentile, progress
 
 __all__ = ["add_args", "run"]
 
@@ -42,7 +41,6 @@ __all__ = ["add_args", "run"]
 def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_busy_poll_arg(p)
-    add_worker_spin_arg(p)
     p.add_argument("--model", default=None, help="model (default dummy:gpt2; demo with --quick)")
     p.add_argument("--tokens", type=int, default=None, help="input tokens (default 512; 128 with --quick)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="pause layers (default 0 3 6 9 11)")
@@ -345,12 +343,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt_trials = args.ckpt_trials or (3 if args.quick else 10)
     conc_n = args.conc_n or (6 if args.quick else 30)
     trials = 2 if args.quick else args.trials
-    spin_tags, spin_flags = worker_spin_tags(args)
-    rec = Recorder("breakpoint", args.output_dir, quick=args.quick,
-                   tags={"client_busy_poll_us": args.busy_poll_us, **spin_tags})
+    rec = Recorder("breakpoint", args.output_dir, quick=args.quick, tags={"client_busy_poll_us": args.busy_poll_us})
     rows: list[list[Any]] = []
     t_start = time.perf_counter()
-    with (daemon(*daemon_flags(su, spec), *spin_flags) as path,
+    with (daemon(*daemon_flags(su, spec)) as path,
           djinn.connect(path, busy_poll_us=args.busy_poll_us) as k):
         info = k.syscall("models")["models"][0]
         n_layers, vocab = int(info["layers"]), int(info["vocab_size"])

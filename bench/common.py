@@ -147,21 +147,6 @@ def add_busy_poll_arg(p: argparse.ArgumentParser) -> None:
                         "default 0: a blocking read). Every record carries it as client_busy_poll_us")
 
 
-def add_worker_spin_arg(p: argparse.ArgumentParser) -> None:
-    """--worker-spin-us, for benchmarks that start djinnd: its device worker's polling window."""
-    p.add_argument("--worker-spin-us", type=int, default=None,
-                   help="start djinnd with --worker-spin-us N (how long its device worker polls for the next "
-                        "call; 0: it sleeps at once). Default: djinnd's own. When given, every record carries "
-                        "it as daemon_worker_spin_us")
-
-
-def worker_spin_tags(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    """(record tags, djinnd flags) for --worker-spin-us: both empty when it was not given."""
-    if args.worker_spin_us is None:
-        return {}, []
-    return {"daemon_worker_spin_us": args.worker_spin_us}, ["--worker-spin-us", str(args.worker_spin_us)]
-
-
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results",
                    help="where the JSON-lines results go (default: bench/results)")

@@ -44,7 +44,7 @@ import torch
 from bench._models import (DeviceArena, add_model_args, daemon_flags, driver_last_logits, hf_last_logits,
                            load_native, make_setup, print_table, random_ids, save_one_layer, stats_ms, time_native,
                            timed)
-from bench.common import Recorder, add_busy_poll_arg, add_worker_spin_arg, daemon, progress, worker_spin_tags
+from bench.common import Recorder, add_busy_poll_arg, daemon, progress
 
 __all__ = ["add_args", "run"]
 
@@ -54,7 +54,6 @@ MICRO_NUMEL = 1024
 def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_busy_poll_arg(p)
-    add_worker_spin_arg(p)
     p.add_argument("--model", default=None, help="full-forward model (default dummy:gpt2; demo with --quick)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per forward (default 512; 128 with --quick)")
     p.add_argument("--rounds", type=int, default=None, help="alternating native/djinnd rounds (default 12)")
@@ -242,9 +241,7 @@ def run(args: argparse.Namespace) -> int:
     args.block = 5 if args.quick else args.block
     args.cold_trials = args.cold_trials or (2 if args.quick else 3)
     micro_n = args.micro_n or (300 if args.quick else 2000)
-    spin_tags, spin_flags = worker_spin_tags(args)
-    rec = Recorder("os_tax", args.output_dir, quick=args.quick,
-                   tags={"client_busy_poll_us": args.busy_poll_us, **spin_tags})
+    rec = Recorder("os_tax", args.output_dir, quick=args.quick, tags={"client_busy_poll_us": args.busy_poll_us})
     rows: list[list[Any]] = []
     t_start = time.perf_counter()
 
@@ -260,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                attention="sdpa", **su.as_record())
     with tempfile.TemporaryDirectory(prefix="djinn-bench-") as tmp:
         one_layer_dir = save_one_layer(spec, Path(tmp) / "one-layer")
-        with (daemon(*daemon_flags(su, spec), *spin_flags) as path,
+        with (daemon(*daemon_flags(su, spec)) as path,
               djinn.connect(path, busy_poll_us=args.busy_poll_us) as k):
             vocab = int(k.syscall("models")["models"][0]["vocab_size"])
             ids = random_ids(n_tokens, vocab, seed=1)

@@ -57,8 +57,8 @@ def _run_model(records: list[dict[str, Any]]) -> str:
 
 def _run_variant(records: list[dict[str, Any]]) -> str:
     """How the run differs from the benchmark's default way of running: "" for the default. So far: a
-    client that busy-polls for replies (client_busy_poll_us > 0), and djinnd started with an explicit
-    --worker-spin-us (daemon_worker_spin_us)."""
+    client that busy-polls for replies (client_busy_poll_us > 0), and, in runs kept from when djinnd had
+    the option, a device worker that polled for its next call (daemon_worker_spin_us)."""
     parts = []
     polls = {rec.get("client_busy_poll_us") or 0 for rec in records}
     if len(polls) == 1 and 0 not in polls:

@@ -16,7 +16,7 @@ Modes (each against its own djinnd, started with the policy flags below):
 A wake-up experiment (one agent alone: IO_WAIT with expected_ms, IO_WAIT without, no signal) runs on
 the proactive daemon before its first probe. Wake-up is from COMPUTE (the tool's return) to the first
 token; COMPUTE is posted, as by the agents, so it is not a round trip of its own. It takes 60 cycles of
-each variant by default, so that its p50s are tight enough to judge a 1 ms target.
+each variant by default (20 before), for tighter p50s against a 1 ms target.
 Rules: a fresh djinnd per probe (or per mode with --daemon-per mode: counters are then taken as
 deltas and the daemon must be idle between probes); retryable ENOMEM is retried with bounded backoff
 and an agent that exhausts it has failed; every mode runs the same workload, seeds and SLO.

@@ -145,9 +145,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("decode_batch", _pos_int, 32, "most sessions of one model whose generate steps run as one batched "
             "decode pass when they arrive together; 1: every step runs alone"),
     Setting("cuda_streams", _pos_int, 4, "CUDA compute streams the sessions are spread over (each session's work on one)"),
-    Setting("worker_spin_us", _nonneg_float, 0.0, "how long the device worker polls for its next call after "
-            "each one before it sleeps (CUDA only; 0, the default: sleep at once); it lets go of the GIL between "
-            "polls and costs a busy core meanwhile"),
     Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop keeps"),
     Setting("shutdown_timeout_s", _nonneg_float, 10.0, "on SIGTERM, how long in-flight requests may finish before they fail with ESHUTDOWN"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level"),
@@ -177,7 +174,6 @@ class Config:
     vmu_session_arena_mb: int = 64
     decode_batch: int = 32
     cuda_streams: int = 4
-    worker_spin_us: float = 0.0
     cpu_threads: int = 0
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"

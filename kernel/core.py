@@ -66,8 +66,6 @@ class Kernel:
     async def start(self) -> None:
         """Boot the device side: VMU segments, then the boot model (if any)."""
         self.device_name = await self.memory.start()
-        if self.memory.device.type == "cuda":  # on a CPU device the worker's polling would take a core from torch
-            self.worker.spin_s = self.config.worker_spin_us / 1e6
         if self.config.model and self.config.model != "none":
             await self.models.load(self.config.model, name=None, dtype=self.config.dtype)
         self.memory.start_policy_timer()

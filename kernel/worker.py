@@ -56,41 +56,21 @@ class DeviceWorker:
     (one hand-off out, one back).
     """
 
-    def __init__(self, name: str = "djinn-device-0", *, spin_s: float = 0.0) -> None:
+    def __init__(self, name: str = "djinn-device-0") -> None:
         self._jobs: queue.SimpleQueue[
             tuple[Any, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...], float] | None
         ] = queue.SimpleQueue()
         self._closed = False
-        self.spin_s = spin_s  # after a call, poll this long for the next before sleeping (see _next_job)
         self.busy_s = 0.0  # written by the worker thread only; read by stat
         self.wait_s = 0.0  # summed time calls waited from submission to start (hand-off and queueing); likewise
         self.calls = 0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def _next_job(self) -> Any:
-        """The next job: after a call, polled for up to spin_s before the thread sleeps on the queue.
-
-        A client's next call usually comes within a round trip of the last reply; polling spares it
-        the wake-up of a thread asleep on a core that idled (the aim: `wait_s` shows the hand-off,
-        and no kept benchmark compares it with sleeping at once yet). Between polls,
-        `time.sleep(0)` lets go of the GIL, so the loop thread is not kept waiting for it."""
-        jobs = self._jobs
-        if self.spin_s > 0:
-            get, now, yield_gil = jobs.get_nowait, time.perf_counter, time.sleep
-            deadline = now() + self.spin_s
-            while True:
-                try:
-                    return get()
-                except queue.Empty:
-                    if now() >= deadline:
-                        break
-                    yield_gil(0)
-        return jobs.get()
-
     def _serve(self) -> None:
+        jobs = self._jobs
         now = time.perf_counter
-        while (job := self._next_job()) is not None:
+        while (job := jobs.get()) is not None:
             loop, future, fn, args, submitted = job
             t0 = now()
             if future is None:  # post(): the call delivers its own outcomes

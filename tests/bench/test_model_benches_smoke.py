@@ -60,7 +60,6 @@ def test_os_tax_quick(tmp_path: Path) -> None:
         assert 0 < r["worker_wait_per_call_mean_ms"] < r["worker_per_forward_mean_ms"]
         assert r["same_work_max_abs_logit_diff"] < 1e-3  # same weights, same work on both sides (fp32 CPU)
     assert all(r["client_busy_poll_us"] == 0 for r in records)  # the default: a blocking client
-    assert not any("daemon_worker_spin_us" in r for r in records)  # djinnd's own default
 
 
 def test_plan_cache_quick(tmp_path: Path) -> None:
@@ -73,8 +72,7 @@ def test_plan_cache_quick(tmp_path: Path) -> None:
 
 
 def test_breakpoint_quick(tmp_path: Path) -> None:
-    records = _run(tmp_path, "breakpoint", "--worker-spin-us", "0")  # djinnd takes the flag (a no-op on the CPU)
-    assert all(r["daemon_worker_spin_us"] == 0 for r in records)
+    records = _run(tmp_path, "breakpoint")
     for r in _figures(records, "pause_resume_accuracy", ("layer", "token_accuracy_pct", "bitwise")):
         assert r["token_accuracy_pct"] == 100.0 and r["bitwise"]
     _figures(records, "pause_resume_extra", ("layer", "extra_ms", "ratio"))

@@ -56,7 +56,7 @@ def test_a_run_with_a_busy_polling_client_is_kept_beside_the_default_run(tmp_pat
     assert "## os_tax on GPU-X, dummy:gpt2 (client busy-polls 5000 us)" in render(latest)
 
 
-def test_a_run_with_djinnd_started_with_an_explicit_worker_spin_is_kept_apart(tmp_path: Path) -> None:
+def test_a_kept_run_whose_worker_polled_is_kept_apart(tmp_path: Path) -> None:
     def rec(run: str, t: float, spin: int | None, poll: float = 0.0) -> dict:
         r = _rec(run, t, "dummy:gpt2", "probe", 1.0) | {"bench": "os_tax", "client_busy_poll_us": poll}
         return r if spin is None else r | {"daemon_worker_spin_us": spin}

@@ -26,8 +26,7 @@ def test_a_cpu_daemon_has_no_streams(kernel) -> None:  # type: ignore[no-untyped
 
 @pytest.fixture(scope="module")
 def cuda_daemons():  # type: ignore[no-untyped-def]
-    daemons = [LiveDaemon(daemon_config(device="cuda", dtype="float32", cuda_streams=n, worker_spin_us=spin)).start()
-               for n, spin in ((1, 0.0), (3, 500.0))]  # the second one's worker polls between calls
+    daemons = [LiveDaemon(daemon_config(device="cuda", dtype="float32", cuda_streams=n)).start() for n in (1, 3)]
     try:
         yield daemons
     finally:
@@ -103,8 +102,3 @@ def test_clients_in_parallel_on_many_streams(cuda_daemons: list[LiveDaemon]) -> 
     for r in results:
         for key in ref:
             torch.testing.assert_close(r[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
-
-
-@pytest.mark.gpu
-def test_a_cuda_daemons_worker_polls_between_calls_only_when_told_to(cuda_daemons: list[LiveDaemon]) -> None:
-    assert [d.kernel.worker.spin_s for d in cuda_daemons] == [0.0, 500e-6]

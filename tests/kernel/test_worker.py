@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch
 from djinn.drivers.errors import BadArgument, Busy, OutOfMemory
 from djinn.kernel.errors import EBUSY, ECANCELED, EINVAL, EIO, ENOMEM
 from djinn.kernel.worker import DeviceWorker
-from tests.daemon import LiveDaemon, daemon_config
 
 
 @pytest.fixture
@@ -105,49 +103,6 @@ async def test_time_waited_before_a_call_starts_is_counted():
         assert w.calls == 5 and w.wait_s - alone >= 0.05 and alone < 0.05
     finally:
         w.close()
-
-
-def _thread_cpu_s(thread: threading.Thread) -> float:
-    assert thread.ident is not None
-    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-
-
-async def test_a_polling_worker_takes_calls_while_it_polls_then_sleeps():
-    w = DeviceWorker(spin_s=0.5)
-    try:
-        await w.run(lambda: None)
-        cpu0 = _thread_cpu_s(w._thread)
-        await asyncio.sleep(0.1)  # within the window: the worker polls, and so spends CPU time
-        polled = _thread_cpu_s(w._thread) - cpu0
-        assert await w.run(lambda: 41 + 1) == 42  # picked up by a poll
-        await asyncio.sleep(0.8)  # past the window: asleep on its queue, spending nothing
-        cpu1 = _thread_cpu_s(w._thread)
-        await asyncio.sleep(0.2)
-        asleep = _thread_cpu_s(w._thread) - cpu1
-        assert polled > 0.005 and asleep < 0.005, (polled, asleep)  # loose: a loaded host shares the cores
-        assert await w.run(lambda: "woken") == "woken" and w.calls == 3
-    finally:
-        await asyncio.get_running_loop().run_in_executor(None, w.close)  # close() also ends a poll
-
-
-async def test_a_worker_without_polling_sleeps_at_once():
-    w = DeviceWorker()
-    try:
-        assert w.spin_s == 0
-        await w.run(lambda: None)
-        cpu0 = _thread_cpu_s(w._thread)
-        await asyncio.sleep(0.1)
-        assert _thread_cpu_s(w._thread) - cpu0 < 0.005
-    finally:
-        w.close()
-
-
-def test_the_daemon_polls_only_on_cuda():
-    d = LiveDaemon(daemon_config(worker_spin_us=500.0)).start()
-    try:
-        assert d.kernel.worker.spin_s == 0  # a CPU daemon: torch needs the core
-    finally:
-        d.stop()
 
 
 async def test_close_runs_what_is_queued_then_refuses_new_work():
