@@ -19,7 +19,7 @@ import socket
 import sys
 from typing import Any, Callable
 
-from .config import Config, load_config
+from .config import Config, check_cpus, load_config
 
 __all__ = ["main", "serve", "sd_notify"]
 
@@ -61,10 +61,17 @@ async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None
     from .server import Connection, bind_unix_socket, parse_tcp
 
     loop = asyncio.get_running_loop()
+    try:
+        check_cpus(config)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     # The device worker runs Python between tensor ops; a short GIL switch interval
     # bounds how long the loop thread waits for the GIL to answer a control syscall.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    kernel = Kernel(config)
+    kernel = Kernel(config)  # starts the device worker, pinned to worker_cpus
+    if config.loop_cpus is not None:  # this thread only: the worker keeps its own CPUs
+        os.sched_setaffinity(0, config.loop_cpus)
     await kernel.start()
     if freeze_boot_objects:
         gc.collect()  # first, so that no garbage is frozen with them

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from djinn.drivers import units
 from djinn.drivers.errors import BadArgument
 
-__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "parse_size"]
+__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "check_cpus", "parse_cpus", "parse_size"]
 
 
 def default_socket_path(*, for_client: bool = False) -> str:
@@ -96,6 +96,44 @@ def _nonneg_float(value: Any) -> float:
     return f
 
 
+def parse_cpus(value: Any) -> tuple[int, ...] | None:
+    """A CPU list as taskset and cgroups write it: "3", "2,5", "4-7", "0-1,6"; empty or "none": unset.
+    Returns the CPUs sorted, without repeats. Raises ValueError on anything else."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = str(value).strip().lower()
+    if text in ("", "none"):
+        return None
+    cpus: set[int] = set()
+    for item in text.split(","):
+        lo, sep, hi = item.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"expected a CPU list such as 3, 2,5 or 4-7, got {value!r}")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"CPU range {item.strip()!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
+def check_cpus(config: Config) -> None:
+    """Raises ValueError when worker_cpus or loop_cpus names a CPU this process may not run on, or when
+    the platform cannot pin threads (only Linux can)."""
+    for name in ("worker_cpus", "loop_cpus"):
+        cpus = getattr(config, name)
+        if cpus is None:
+            continue
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError(f"setting {name}: pinning threads to CPUs needs Linux (sched_setaffinity)")
+        allowed = os.sched_getaffinity(0)
+        missing = sorted(set(cpus) - allowed)
+        if missing:
+            raise ValueError(f"setting {name}: CPU(s) {', '.join(map(str, missing))} are not available to djinnd "
+                             f"(it may run on {', '.join(map(str, sorted(allowed)))})")
+
+
 def _pos_int(value: Any) -> int:
     i = int(value)
     if i <= 0:
@@ -146,6 +184,10 @@ SETTINGS: tuple[Setting, ...] = (
             "decode pass when they arrive together; 1: every step runs alone"),
     Setting("cuda_streams", _pos_int, 4, "CUDA compute streams the sessions are spread over (each session's work on one)"),
     Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop keeps"),
+    Setting("worker_cpus", parse_cpus, None, "CPUs the device worker thread may run on (Linux), e.g. 3 or 4-7; "
+            "threads it starts (torch's CPU pool) inherit them. Unset: any CPU", "any"),
+    Setting("loop_cpus", parse_cpus, None, "CPUs the event loop thread may run on (Linux), e.g. 2. Unset: any CPU",
+            "any"),
     Setting("shutdown_timeout_s", _nonneg_float, 10.0, "on SIGTERM, how long in-flight requests may finish before they fail with ESHUTDOWN"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level"),
 )
@@ -175,6 +217,8 @@ class Config:
     decode_batch: int = 32
     cuda_streams: int = 4
     cpu_threads: int = 0
+    worker_cpus: tuple[int, ...] | None = None
+    loop_cpus: tuple[int, ...] | None = None
     shutdown_timeout_s: float = 10.0
     log_level: str = "info"
     config_file: str | None = None

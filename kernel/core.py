@@ -48,7 +48,7 @@ class Kernel:
         self.sessions = SessionTable()
         self.connections: set[Connection] = set()
         self.stats = SyscallStats()
-        self.worker = DeviceWorker()
+        self.worker = DeviceWorker(cpus=config.worker_cpus)
         self.shutting_down = False
         self.stop_event = asyncio.Event()
         self.device_name = "cpu"
@@ -260,7 +260,13 @@ class Kernel:
             "memory": self.memory.snapshot(),
             "connections": len(self.connections),
             "checkpoints": self.memory.checkpoint_snapshot(),
+            "cpus": {"loop": _loop_cpus(), "worker": self.worker.cpus},
             "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s, "wait_s": self.worker.wait_s,
                        **(self.memory.streams.snapshot() if self.memory.streams is not None else {}),
                        "decode_batching": self.batcher.snapshot()},
         }
+
+
+def _loop_cpus() -> list[int] | None:
+    """The CPUs the calling thread (the event loop's, where stat runs) may run on; None off Linux."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

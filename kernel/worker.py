@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -56,7 +57,7 @@ class DeviceWorker:
     (one hand-off out, one back).
     """
 
-    def __init__(self, name: str = "djinn-device-0") -> None:
+    def __init__(self, name: str = "djinn-device-0", cpus: tuple[int, ...] | None = None) -> None:
         self._jobs: queue.SimpleQueue[
             tuple[Any, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...], float] | None
         ] = queue.SimpleQueue()
@@ -66,6 +67,24 @@ class DeviceWorker:
         self.calls = 0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
+        if cpus is not None:  # pinned from here, so that a CPU it may not use fails the caller (Linux only)
+            try:
+                os.sched_setaffinity(self._native_id(), cpus)
+            except BaseException:
+                self.close()
+                raise
+
+    def _native_id(self) -> int:
+        tid = self._thread.native_id
+        assert tid is not None, "set once the thread has started"
+        return tid
+
+    @property
+    def cpus(self) -> list[int] | None:
+        """The CPUs the worker thread may run on; None where the platform does not say (not Linux)."""
+        if not hasattr(os, "sched_getaffinity") or not self._thread.is_alive():
+            return None
+        return sorted(os.sched_getaffinity(self._native_id()))
 
     def _serve(self) -> None:
         jobs = self._jobs

@@ -146,3 +146,26 @@ def test_boot_objects_are_frozen_out_of_the_cyclic_gc(tmp_path):
     frozen = [line for line in log.splitlines() if "boot objects out of the cyclic GC" in line]
     assert len(frozen) == 1, log[-2000:]
     assert int(frozen[0].split("froze ")[1].split()[0]) > 10_000  # torch alone is far more than this
+
+
+_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+
+
+@_affinity
+def test_worker_and_loop_run_on_the_cpus_they_are_given_and_stat_says_which():
+    cpu = max(os.sched_getaffinity(0))
+    d = LiveDaemon(daemon_config(worker_cpus=(cpu,), loop_cpus=(cpu,))).start()
+    try:
+        with djinn.connect(d.path) as k:
+            assert k.stat()["cpus"] == {"loop": [cpu], "worker": [cpu]}
+            s = k.open_session(max_tokens=16)
+            assert s.forward([1, 2, 3]).logits is not None  # the model runs on the pinned worker
+    finally:
+        d.stop()
+
+
+@_affinity
+def test_a_cpu_djinnd_may_not_use_exits_with_a_message(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "djinn.kernel.boot", "--socket", str(tmp_path / "s.sock"),
+                          "--model", "none", "--worker-cpus", "4096"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "worker_cpus: CPU(s) 4096 are not available" in out.stderr

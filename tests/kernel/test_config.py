@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from djinn.kernel.config import SETTINGS, build_parser, default_socket_path, load_config, parse_size
+import os
+
+from djinn.kernel.config import (SETTINGS, Config, build_parser, check_cpus, default_socket_path, load_config,
+                                 parse_cpus, parse_size)
 
 
 def test_defaults(tmp_path):
@@ -62,6 +65,39 @@ def test_parse_size(raw, expected):
 def test_parse_size_rejects(raw):
     with pytest.raises(ValueError):
         parse_size(raw)
+
+
+@pytest.mark.parametrize("raw,expected", [("3", (3,)), ("2,5", (2, 5)), ("4-7", (4, 5, 6, 7)), ("0-1,6", (0, 1, 6)),
+                                          (" 5, 2,2 ", (2, 5)), ([1, 0], (0, 1)), (3, (3,)), ("", None),
+                                          ("none", None), (None, None)])
+def test_parse_cpus(raw, expected):
+    assert parse_cpus(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["a", "1-", "-2", "3-1", "1,,2", "1.5", "1;2", "0x1"])
+def test_parse_cpus_rejects(raw):
+    with pytest.raises(ValueError):
+        parse_cpus(raw)
+
+
+def test_cpu_settings_from_toml_env_and_flag(tmp_path):
+    toml = tmp_path / "d.toml"
+    toml.write_text("worker_cpus = [2, 3]\nloop_cpus = 1\n")
+    cfg = load_config([], env={"DJINN_CONFIG": str(toml)})
+    assert cfg.worker_cpus == (2, 3) and cfg.loop_cpus == (1,)
+    cfg = load_config(["--loop-cpus", "0-1"], env={"DJINN_CONFIG": str(toml), "DJINN_WORKER_CPUS": "5"})
+    assert cfg.worker_cpus == (5,) and cfg.loop_cpus == (0, 1)
+    with pytest.raises(ValueError, match="worker_cpus from --worker-cpus"):
+        load_config(["--worker-cpus", "two"], env={"XDG_CONFIG_HOME": str(tmp_path)})
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_check_cpus_accepts_cpus_this_process_has_and_names_the_others():
+    mine = tuple(sorted(os.sched_getaffinity(0)))
+    check_cpus(Config(worker_cpus=mine[:1], loop_cpus=mine))
+    check_cpus(Config())
+    with pytest.raises(ValueError, match=r"loop_cpus: CPU\(s\) 4096 are not available"):
+        check_cpus(Config(loop_cpus=(4096,)))
 
 
 def test_socket_env_override(monkeypatch):

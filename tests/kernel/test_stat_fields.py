@@ -15,7 +15,7 @@ import djinn
 from djinn.kernel.config import load_config
 
 TOP_FIELDS = {"version", "protocol", "pid", "uptime_s", "device", "policy", "models", "sessions", "syscalls", "memory",
-              "checkpoints", "connections", "worker"}
+              "checkpoints", "connections", "cpus", "worker"}
 SESSION_FIELDS = {"id", "uid", "pid", "model", "state", "paused_at", "phase", "phase_s", "expected_ms", "residency",
                   "arena_nbytes", "arena_used_nbytes", "tokens", "max_tokens", "age_s", "idle_s", "checkpoints",
                   "connected"}

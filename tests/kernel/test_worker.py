@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -115,3 +116,27 @@ async def test_close_runs_what_is_queued_then_refuses_new_work():
     assert done == [0, 1, 2]
     with pytest.raises(ECANCELED):
         await w.run(lambda: None)
+
+
+_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+
+
+@_affinity
+async def test_pinned_worker_runs_on_its_cpus_only_and_the_caller_keeps_its_own():
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    w = DeviceWorker(cpus=(cpu,))
+    try:
+        assert await w.run(os.sched_getaffinity, 0) == {cpu}
+        assert w.cpus == [cpu]
+        assert os.sched_getaffinity(0) == mine
+    finally:
+        w.close()
+
+
+@_affinity
+def test_a_cpu_the_process_may_not_use_fails_the_constructor_and_leaves_no_thread():
+    before = threading.active_count()
+    with pytest.raises(OSError):
+        DeviceWorker(cpus=(4096,))
+    assert threading.active_count() == before
