@@ -6,6 +6,8 @@ Rules:
   daemon and in this process alike), and with the same number of CPU threads on the CPU.
 - Native work is timed with `torch.cuda.synchronize()` before and after; djinnd is timed by wall
   clock at the client, from just before the request is sent to the decoded reply.
+- On CUDA the native work and djinnd's device worker run on the same CPU, the fastest one, djinnd's loop
+  and this process's client calls on the next two (bench/cpus.py; `--cpus off` leaves it to the scheduler).
 - Quick mode runs on the CPU with the `demo` model and short inputs; the full run expects CUDA.
 """
 
@@ -14,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from bench.common import percentile
+from bench.cpus import Placement, add_cpus_arg, placement
 
 __all__ = ["Setup", "add_model_args", "make_setup", "daemon_flags", "sync", "time_native", "timed", "stats_ms",
            "random_ids", "vocab_of", "save_one_layer", "quiet_transformers", "load_native", "hf_last_logits",
@@ -35,6 +38,7 @@ class Setup:
     dtype: str
     threads: int
     quick: bool
+    cpus: Placement = field(default_factory=Placement)
 
     @property
     def torch_device(self) -> torch.device:
@@ -45,7 +49,7 @@ class Setup:
         return getattr(torch, self.dtype)
 
     def as_record(self) -> dict[str, Any]:
-        return {"device_kind": self.device, "dtype": self.dtype, "cpu_threads": self.threads}
+        return {"device_kind": self.device, "dtype": self.dtype, "cpu_threads": self.threads, **self.cpus.record()}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where both sides run (default: cuda when available, cpu with --quick)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype on both sides (default: float32 on cpu, bfloat16 on cuda)")
+    add_cpus_arg(p)
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -65,7 +70,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     threads = max(1, (os.cpu_count() or 2) - 1)
     if device == "cpu":
         torch.set_num_threads(threads)
-    return Setup(device, dtype, threads, bool(args.quick))
+    return Setup(device, dtype, threads, bool(args.quick), placement(getattr(args, "cpus", "off"), device))
 
 
 def daemon_flags(su: Setup, model: str, *, text: str = "2GiB", data: str = "2GiB", stack: str = "2GiB",
@@ -75,7 +80,7 @@ def daemon_flags(su: Setup, model: str, *, text: str = "2GiB", data: str = "2GiB
         text, data, stack, host = "256MiB", "512MiB", "256MiB", "512MiB"
     return ["--model", model, "--device", su.device, "--dtype", su.dtype, "--vmu-text", text, "--vmu-data", data,
             "--vmu-stack", stack, "--vmu-host", host, "--max-tokens", str(max_tokens), "--grace-s", "0",
-            "--cpu-threads", str(su.threads)]
+            "--cpu-threads", str(su.threads), *su.cpus.daemon_flags()]
 
 
 def sync(device: torch.device | str) -> None:

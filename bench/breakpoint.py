@@ -21,6 +21,9 @@ Definitions (dummy:gpt2, 512 random tokens; every djinnd figure is wall clock at
 - concurrency: session A paused at layer 6 and paged out (`page_out`); what the data segment gives back
   (stat memory.segments.data.used_nbytes before and after); session B's forward latency while A waits,
   against B alone before and after (target: within 10%); A's resume afterwards must be bitwise exact.
+- CPUs (bench/cpus.py): on CUDA djinnd's device worker runs on the fastest CPU by the run's probe, its loop and
+  this process's client on the next two (the native copy baselines run on the worker's CPU); `--cpus off`
+  leaves every thread to the scheduler.
 """
 
 from __future__ import annotations
@@ -176,7 +179,8 @@ def _checkpoints(b: _Bench, layer: int, trials: int, su: Any, rec: Recorder, row
         a.close()
         target.close()
     probe = _paused_checkpoint_probe(b, layer)
-    d2h, h2d = _copy_baselines(max(nbytes, 1), su)
+    with su.cpus.as_work():  # where djinnd's worker issues its copies
+        d2h, h2d = _copy_baselines(max(nbytes, 1), su)
     dp, dn, rs = percentile(dispatch, 50), percentile(done, 50), percentile(restore, 50)
     rec.record(metric="checkpoint_dispatch", layer=layer, unit="ms", nbytes=nbytes, djinn=dp * 1e3,
                djinn_p99_ms=percentile(dispatch, 99) * 1e3, baseline="null syscall (nop) round trip",
@@ -347,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[list[Any]] = []
     t_start = time.perf_counter()
     with (daemon(*daemon_flags(su, spec)) as path,
-          djinn.connect(path, busy_poll_us=args.busy_poll_us) as k):
+          djinn.connect(path, busy_poll_us=args.busy_poll_us) as k, su.cpus.as_client()):
         info = k.syscall("models")["models"][0]
         n_layers, vocab = int(info["layers"]), int(info["vocab_size"])
         layers = sorted({min(x, n_layers - 1) for x in (args.layers or [0, 3, 6, 9, 11])})

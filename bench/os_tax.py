@@ -28,6 +28,9 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   (dispatch to reply written) and the device worker's busy time per forward; with the client's mean they split
   the overhead into the client and wire, the daemon around the worker, and the worker itself. The worker's mean
   wait per call (submission to start) is mostly the hand-off to its thread.
+- CPUs (bench/cpus.py): on CUDA the native sides and djinnd's device worker run on one CPU, the fastest by the
+  run's probe, djinnd's loop and this process's client calls on the next two, so that neither side is timed on a
+  slower CPU than the other; `--cpus off` leaves every thread to the scheduler.
 Targets (warm): full forward <= 1% over native, one layer <= 5%; the micro-op is reported as it is.
 """
 
@@ -75,15 +78,17 @@ def _djinn_forward(k: Any, model: str, ids: torch.Tensor) -> tuple[float, torch.
 def _micro(k: Any, su: Any, n: int, rec: Recorder, native_cold_s: float, a: torch.Tensor, b: torch.Tensor,
            rows: list[list[Any]]) -> None:
     dev = su.torch_device
-    add = [time_native(lambda: torch.add(a, b), dev)[0] for _ in progress(range(n), "native torch.add")]
-    nop_cold, _ = timed(lambda: k.syscall("nop"))
-    for _ in range(200):
-        k.syscall("nop")
-    nop = [timed(lambda: k.syscall("nop"))[0] for _ in progress(range(n), "djinnd nop")]
+    with su.cpus.as_work():
+        add = [time_native(lambda: torch.add(a, b), dev)[0] for _ in progress(range(n), "native torch.add")]
     ops = [a.cpu(), b.cpu()]
-    for _ in range(20):
-        k.syscall("echo", data=ops)
-    echo = [timed(lambda: k.syscall("echo", data=ops))[0] for _ in range(max(50, n // 10))]
+    with su.cpus.as_client():
+        nop_cold, _ = timed(lambda: k.syscall("nop"))
+        for _ in range(200):
+            k.syscall("nop")
+        nop = [timed(lambda: k.syscall("nop"))[0] for _ in progress(range(n), "djinnd nop")]
+        for _ in range(20):
+            k.syscall("echo", data=ops)
+        echo = [timed(lambda: k.syscall("echo", data=ops))[0] for _ in range(max(50, n // 10))]
     add_s, nop_s, echo_s = stats_ms(add), stats_ms(nop), stats_ms(echo)
     definition = "djinn = nop round trip + native add (no syscall runs one op)"
     for mode, native_ms, null_ms, when in (
@@ -109,17 +114,19 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     cold_native: list[float] = []
     cold_djinn: list[float] = []
     for t in progress(range(args.cold_trials), f"{label}: cold trials"):
-        lm = load_native(spec, su)
-        dt, _ = time_native(lambda: hf_last_logits(lm.arch.hf, ids, dev), dev)
-        cold_native.append(dt)
-        lm.unload()
-        del lm
+        with su.cpus.as_work():
+            lm = load_native(spec, su)
+            dt, _ = time_native(lambda: hf_last_logits(lm.arch.hf, ids, dev), dev)
+            cold_native.append(dt)
+            lm.unload()
+            del lm
         name = f"{metric}-cold-{t}"
-        k.load_model(spec, name=name, dtype=su.dtype)
-        try:
-            cold_djinn.append(_djinn_forward(k, name, ids)[0])
-        finally:
-            k.syscall("unload_model", name=name)
+        with su.cpus.as_client():
+            k.load_model(spec, name=name, dtype=su.dtype)
+            try:
+                cold_djinn.append(_djinn_forward(k, name, ids)[0])
+            finally:
+                k.syscall("unload_model", name=name)
 
     lm = load_native(spec, su)
     hf = lm.arch.hf
@@ -132,9 +139,11 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
         lambda: _djinn_forward(k, name, ids)[0],
         lambda: time_native(lambda: hf_last_logits(hf, ids, dev, inference_mode=True), dev)[0],
     ]
+    where = [su.cpus.as_work, su.cpus.as_work, su.cpus.as_client, su.cpus.as_work]  # djinnd's worker: the work CPU
     for _ in range(5):
-        for side in sides:
-            side()
+        for side, cpu in zip(sides, where):
+            with cpu():
+                side()
     native: list[float] = []
     driver: list[float] = []
     djinn: list[float] = []
@@ -144,13 +153,15 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     for r in progress(range(args.rounds), f"{label}: warm rounds"):
         for i in range(len(sides)):  # rotate which side goes first
             side = (r + i) % len(sides)
-            for _ in range(args.block):
-                samples[side].append(sides[side]())
+            with where[side]():
+                for _ in range(args.block):
+                    samples[side].append(sides[side]())
     inside = _daemon_means_ms(before, _daemon_counters(k), len(djinn))
     native_logits = hf_last_logits(hf, ids, dev)
     djinn_logits = _djinn_forward(k, name, ids)[1]
     same_work_diff = float((native_logits - djinn_logits).abs().max())
-    bare = bare_layer(lm) if bare_layer is not None else None
+    with su.cpus.as_work():
+        bare = bare_layer(lm) if bare_layer is not None else None
     k.syscall("unload_model", name=name)
     lm.unload()
 

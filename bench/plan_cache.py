@@ -17,6 +17,9 @@ Definitions:
   dtype, SDPA, its default DynamicCache, `min_new_tokens=N` so both make N tokens). The steady rate is
   (N - 2) / (T(N) - T(2)), medians of alternating runs: prefill and the first decode step (djinnd's graph
   capture) cancel out. e2e is N / T(N), everything included.
+- CPUs (bench/cpus.py): on CUDA transformers' generate and djinnd's device worker run on one CPU, the fastest
+  by the run's probe, djinnd's loop and this process's client calls on the next two; `--cpus off` leaves
+  every thread to the scheduler.
 Targets: warm step >= 5x faster than a cold one; djinnd's steady decode tokens/s >= transformers'.
 """
 
@@ -165,9 +168,11 @@ def _decode_rate(k: Any, spec: str, su: Any, args: argparse.Namespace, rec: Reco
             for side in (("hf", "djinn") if i % 2 == 0 else ("djinn", "hf")):
                 for m in (2, n):
                     if side == "hf":
-                        dt, out = time_native(lambda: native(prompt, m), dev)
+                        with su.cpus.as_work():
+                            dt, out = time_native(lambda: native(prompt, m), dev)
                     else:
-                        dt, out = _djinn_generate(k, name, prompt, m)
+                        with su.cpus.as_client():
+                            dt, out = _djinn_generate(k, name, prompt, m)
                     t[(side, m)].append(dt)
                     if m == n:
                         toks[side] = out
@@ -219,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             djinn.connect(path) as k:
         for spec in models:
             try:
-                _cold_warm(k, spec, su, args, rec, rows)
+                with su.cpus.as_client():
+                    _cold_warm(k, spec, su, args, rec, rows)
                 _decode_rate(k, spec, su, args, rec, rows)
             except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others' figures
                 if args.quick:

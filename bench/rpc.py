@@ -15,7 +15,10 @@ The null round trip is measured three ways: as the scheduler places the processe
 one core and both servers on another (every wake-up crosses cores). On a small VM
 the scheduler may keep one server on the client's core and the other on the second
 core, and a cross-core wake-up there costs tens of microseconds, so the two pinned
-figures say what the unpinned ratio is made of.
+figures say what the unpinned ratio is made of. The pinned ones use the fastest CPUs
+by one probe (bench/cpus.py; the CPUs of a VM need not be equally fast): one core is
+the fastest, and across cores puts both servers on the fastest and the client on the
+second, so the echo server and djinnd always run on the same CPU.
 Every server runs in its own process, like djinnd does, so the client and server
 share the machine's cores the same way in each measurement. All servers run at
 once and the measurements alternate between a baseline and djinn (blocks of round
@@ -39,6 +42,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from bench.common import Recorder, daemon, percentile, progress, spawn_server, stop_server
+from bench.cpus import rank_cpus
 
 ECHO_SERVER = r"""
 import asyncio, struct, sys, uvloop
@@ -261,7 +265,11 @@ def run(args: argparse.Namespace) -> int:
         # The same on one core: the scheduler puts each server on the client's core or
         # on the other one, sticks to its choice, and a wake-up across cores of this VM
         # costs tens of microseconds. On one core both pay the same, only for their work.
-        cpus = sorted(os.sched_getaffinity(0))
+        ranked = rank_cpus()
+        cpus = [cpu for cpu, _ in ranked]
+        rec.record(metric="config", n=n, block=args.block, pipeline=args.pipeline, tensor_mib=args.tensor_mib,
+                   cpus_fastest=cpus[0], cpus_second=cpus[1] if len(cpus) > 1 else None,
+                   cpu_probe_us={str(c): round(t * 1e6, 1) for c, t in sorted(ranked)})
         servers = [echo_server.pid, _server_pid(djinn_path)]
         with _pinned([threading.get_native_id(), *servers], {cpus[0]}):
             echo_1, null_1 = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")), max(n // 4, 1000),

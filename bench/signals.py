@@ -20,6 +20,8 @@ each variant by default (20 before), for tighter p50s against a 1 ms target.
 Rules: a fresh djinnd per probe (or per mode with --daemon-per mode: counters are then taken as
 deltas and the daemon must be idle between probes); retryable ENOMEM is retried with bounded backoff
 and an agent that exhausts it has failed; every mode runs the same workload, seeds and SLO.
+CPUs (bench/cpus.py): on CUDA every daemon's device worker runs on the fastest CPU by the run's probe, its
+loop on the second and the agents on the third; `--cpus off` leaves every thread to the scheduler.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from bench.agents import (AgentsSpec, Backoff, DensitySearch, ProbeLog, TokenBudget, ToolTimes, arrival_times,
                           cliff_svg, memory_svg, slug, summarize_probe, summary_lines, targets)
 from bench.common import Recorder, daemon, percentile
+from bench.cpus import add_cpus_arg, placement
 
 Launcher = Callable[..., ContextManager[str]]
 
@@ -118,6 +121,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
       default=[])
     a("--daemon-per", "a fresh djinnd per probe, or one per mode (counters then taken as deltas)",
       choices=("probe", "mode"))
+    add_cpus_arg(p)
     a("--enomem-retries", "retries of a retryable ENOMEM before the agent fails", type=int, default=8)
     a("--backoff-ms", "first ENOMEM backoff; it doubles up to 500 ms, jittered", type=float, default=20.0)
     a("--sample-ms", "stat sampling period of the memory timeline", type=float)
@@ -192,6 +196,15 @@ def memory_plan(s: argparse.Namespace) -> tuple[str, int | None]:
         return s.vmu_data, int(size // arena) if isinstance(size, int) else None
     arena = arena_nbytes_per_token(s.model, s.device, s.dtype) * s.max_tokens
     return str(s.resident_arenas * arena + min(arena // 4, 1 << 20)), s.resident_arenas
+
+
+def _device_kind(device: str) -> str:
+    """"cuda" where the daemons will run on a GPU (the --device flag, auto included), else "cpu"."""
+    if device.startswith("cpu"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def daemon_flags(s: argparse.Namespace, mode: Mode, vmu_data: str) -> list[str]:
@@ -628,7 +641,7 @@ def run(args: argparse.Namespace, launch: Launcher = daemon) -> int:
     rec = Recorder("signals", s.output_dir, quick=s.quick)
     state = Run(s, w, rec, vmu_data, capacity, spec.kind, spec.resolve(capacity or 1))
     t0 = time.monotonic()
-    with Daemons(launch, s.daemon_per) as daemons:
+    with state.cpus.as_client(), Daemons(launch, s.daemon_per) as daemons:
         for name in names:
             state.search(daemons, MODES[name])
             daemons.release(name)
@@ -649,7 +662,9 @@ class Run:
                        "daemon_per": s.daemon_per, "idle_timeout_s": s.idle_timeout_s,
                        "memory_wait_ms": s.memory_wait_ms, "device_flag": s.device,
                        "enomem_retries": s.enomem_retries}
-        self.flags = {m: tuple(daemon_flags(s, m, vmu_data)) for m in MODES.values()}
+        self.cpus = placement(s.cpus, _device_kind(s.device))
+        self.config.update(self.cpus.record())
+        self.flags = {m: tuple([*daemon_flags(s, m, vmu_data), *self.cpus.daemon_flags()]) for m in MODES.values()}
         self.probes: list[dict[str, Any]] = []
         self.densities: dict[str, int] = {}
         self.bounded: dict[str, bool] = {}

@@ -26,7 +26,7 @@ def _positive(r: dict[str, Any], *keys: str) -> None:
 
 
 def test_rpc_quick(tmp_path: Path) -> None:
-    records = _run(tmp_path, "rpc", "--n", "400", "--block", "100", config=False)
+    records = _run(tmp_path, "rpc", "--n", "400", "--block", "100")
     [null] = _of(records, "null_round_trip")
     _positive(null, "djinn_p50", "baseline_p50", "ratio_p50")
     [pipelined] = _of(records, "pipelined_syscalls_per_s")

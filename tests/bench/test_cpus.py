@@ -1,0 +1,39 @@
+"""bench/cpus.py: the CPU probe, the placement it makes, and the pinning it does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.cpus import Placement, placement, rank_cpus
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+
+
+def test_rank_cpus_times_every_cpu_fastest_first_and_restores_the_mask():
+    mine = os.sched_getaffinity(0)
+    ranked = rank_cpus(passes=1)
+    assert sorted(cpu for cpu, _ in ranked) == sorted(mine)
+    times = [t for _, t in ranked]
+    assert times == sorted(times) and all(t > 0 for t in times)
+    assert os.sched_getaffinity(0) == mine
+
+
+def test_placement_is_off_on_cpu_and_when_asked():
+    assert not placement("auto", "cpu").on
+    assert not placement("off", "cuda").on
+    assert Placement().daemon_flags() == [] and Placement().record()["cpus_work"] is None
+
+
+def test_a_placement_pins_the_calling_thread_for_the_block_and_names_djinnd_flags():
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    p = Placement(work=cpu, loop=min(mine), client=cpu, probe_us={cpu: 1.0})
+    assert p.daemon_flags() == ["--worker-cpus", str(cpu), "--loop-cpus", str(min(mine))]
+    with p.as_work():
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == mine
+    with Placement().as_client():
+        assert os.sched_getaffinity(0) == mine
+    assert p.record()["cpu_probe_us"] == {str(cpu): 1.0}
