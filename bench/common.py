@@ -155,7 +155,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def spawn_server(argv: list[str], path: str, timeout_s: float = 300.0) -> subprocess.Popen[str]:
     """Start a server process and wait until its Unix socket at `path` accepts a connection."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    from bench.cpus import unpinned
+
+    with unpinned():  # a client pinned to its CPU must not pin the server it starts
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

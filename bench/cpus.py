@@ -31,7 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-__all__ = ["Placement", "add_cpus_arg", "placement", "rank_cpus"]
+__all__ = ["Placement", "add_cpus_arg", "placement", "rank_cpus", "unpinned"]
+
+# Every CPU this process may use, as it started: what a child process it spawns should get, even when the
+# spawning thread is pinned for the moment (a child inherits the mask of the thread that forks it).
+_START_CPUS: frozenset[int] | None = (frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                      else None)
 
 
 def add_cpus_arg(p: argparse.ArgumentParser) -> None:
@@ -114,6 +119,21 @@ class Placement:
         """The fields a config record carries: the CPUs chosen and the probe's time on each (µs)."""
         return {"cpus_work": self.work, "cpus_loop": self.loop, "cpus_client": self.client,
                 "cpu_probe_us": {str(c): round(t, 1) for c, t in sorted(self.probe_us.items())} or None}
+
+
+@contextlib.contextmanager
+def unpinned() -> Iterator[None]:
+    """The calling thread on every CPU the process started with, for the block (to spawn a process that must
+    not inherit a pinning); its mask is restored after."""
+    if _START_CPUS is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _START_CPUS)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def placement(mode: str, device: str) -> Placement:

@@ -37,3 +37,29 @@ def test_a_placement_pins_the_calling_thread_for_the_block_and_names_djinnd_flag
     with Placement().as_client():
         assert os.sched_getaffinity(0) == mine
     assert p.record()["cpu_probe_us"] == {str(cpu): 1.0}
+
+
+def test_a_server_spawned_by_a_pinned_thread_gets_every_cpu(tmp_path):
+    import sys
+
+    from bench.common import spawn_server, stop_server
+
+    mine = os.sched_getaffinity(0)
+    path = str(tmp_path / "s.sock")
+    server = ("import contextlib, os, socket, sys\n"
+              "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+              "while True:\n"
+              "    c, _ = s.accept()\n"
+              "    with contextlib.suppress(OSError):  # spawn_server's probe has gone already\n"
+              "        c.sendall(repr(sorted(os.sched_getaffinity(0))).encode())\n"
+              "    c.close()\n")
+    with Placement(work=min(mine), loop=min(mine), client=min(mine)).as_client():
+        proc = spawn_server([sys.executable, "-c", server, path], path)
+    try:
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            assert c.recv(4096).decode() == repr(sorted(mine))
+    finally:
+        stop_server(proc)
