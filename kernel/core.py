@@ -97,6 +97,8 @@ class Kernel:
             await self._release(s)
         await self.memory.free_all_checkpoints()
         await self.models.unload_all()
+        if self.memory.vmu is not None:  # on the worker, so nothing of the device is left to the garbage collector
+            await self.worker.run(self.memory.vmu.close)
         self.worker.close()
 
     def quarantine(self, exc: InvalidTransition) -> None:

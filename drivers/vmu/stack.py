@@ -143,6 +143,16 @@ class StackSegment:
                 if scope.peak_nbytes > self.capacity_nbytes:
                     self.over_budget += 1
 
+    def close(self) -> None:
+        """Give the MemPool back now, on the calling thread (the worker), with no scope open. Left to the
+        garbage collector, its destructor (which empties the pool's cache) could run on any thread at any
+        time, even while another thread allocates into a pool of its own, which torch's allocator refuses
+        by aborting the process. Idempotent; the segment measures nothing after."""
+        if self.active is not None:
+            raise Busy("the stack segment cannot close while a request's scope is open")
+        self._cuda = None
+        self.pool = None  # the last reference: the pool's destructor runs here
+
     @property
     def measured(self) -> bool:
         """True where the allocator measures each request's peak (CUDA); on CPU the caller reports it."""

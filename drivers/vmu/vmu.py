@@ -256,7 +256,8 @@ class VMU(PagingMixin):
             self._reap()
 
     def close(self) -> None:
-        """Wait for every copy in flight, then stop the copy streams. The VMU is unusable after."""
+        """Wait for every copy in flight, stop the copy streams and give back the Stack's MemPool. Call it on
+        the device worker. The VMU is unusable after."""
         if self._closed:
             return
         with self._lock:
@@ -265,6 +266,7 @@ class VMU(PagingMixin):
             job.wait()
         self.poll()
         self.backend.close()
+        self.stack.close()
         self._closed = True
 
     def __enter__(self) -> "VMU":

@@ -87,6 +87,26 @@ def test_stack_scope_measures_peak(cuda_vmu: VMU) -> None:
     assert cuda_vmu.stat()["stack"]["requests"] == 1
 
 
+def test_closing_gives_the_stack_pool_back_while_another_pool_is_being_allocated_into() -> None:
+    """Closed on its worker, a VMU's MemPool is gone before another VMU's scope can meet its destructor (left to
+    the garbage collector, that destructor could empty its cache inside another thread's scope, and torch
+    aborts the process then)."""
+    a = VMU("cuda", text_nbytes=8 * MiB, data_nbytes=8 * MiB, stack_nbytes=64 * MiB, host_nbytes=8 * MiB)
+    b = VMU("cuda", text_nbytes=8 * MiB, data_nbytes=8 * MiB, stack_nbytes=64 * MiB, host_nbytes=8 * MiB)
+    try:
+        with a.stack_scope():
+            torch.empty(4 * MiB, dtype=torch.uint8, device="cuda")
+        a.close()
+        assert a.stack.pool is None
+        with b.stack_scope() as scope:
+            t = torch.empty(4 * MiB, dtype=torch.uint8, device="cuda")
+            del t
+        assert scope.peak_nbytes >= 4 * MiB
+    finally:
+        a.close()
+        b.close()
+
+
 def test_stack_scope_counts_only_its_own_transient_bytes(cuda_vmu: VMU) -> None:
     """Memory allocated between scopes, or kept past one, is not a request's activations."""
     outside = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")  # allocated before the scope, still alive

@@ -120,6 +120,16 @@ def test_stack_scope_accounts_peak_on_cpu(small_vmu: VMU) -> None:
     assert small_vmu.stack_budget_nbytes == 1 * MiB
 
 
+def test_the_stack_refuses_to_close_inside_a_scope_and_closes_once(small_vmu: VMU) -> None:
+    stack = small_vmu.stack
+    with small_vmu.stack_scope():
+        with pytest.raises(Busy):
+            stack.close()
+    small_vmu.close()
+    small_vmu.close()  # idempotent
+    assert stack.pool is None and not stack.measured
+
+
 def test_stack_reserve_keeps_the_largest_plan(small_vmu: VMU) -> None:
     with small_vmu.stack_scope() as scope:
         scope.reserve(300_000)
