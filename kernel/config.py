@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 from djinn.drivers import units
 from djinn.drivers.errors import BadArgument
 
-__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "check_cpus", "parse_cpus", "parse_size"]
+__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "check_cpus",
+           "parse_cpus", "parse_size"]
 
 
 def default_socket_path(*, for_client: bool = False) -> str:
