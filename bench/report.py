@@ -20,6 +20,8 @@ from typing import Any
 from bench.agents import slug
 from bench.common import REPO_ROOT
 
+# The signals modes whose densities the targets compare; a run of other modes is a variant of its own.
+SIGNALS_DEFAULT_MODES = frozenset(("proactive", "reactive", "none", "recompute"))
 LEADING = ["metric", "mode", "model", "layer", "nbytes"]  # columns shown first when a record has them
 STAMP_KEYS = ("bench", "run_id", "quick", "git_commit", "torch", "transformers", "cuda", "python", "device", "host",
               "time_unix")
@@ -57,8 +59,9 @@ def _run_model(records: list[dict[str, Any]]) -> str:
 
 def _run_variant(records: list[dict[str, Any]]) -> str:
     """How the run differs from the benchmark's default way of running: "" for the default. So far: a
-    client that busy-polls for replies (client_busy_poll_us > 0), and, in runs kept from when djinnd had
-    the option, a device worker that polled for its next call (daemon_worker_spin_us)."""
+    client that busy-polls for replies (client_busy_poll_us > 0); in runs kept from when djinnd had
+    the option, a device worker that polled for its next call (daemon_worker_spin_us); a signals run of
+    modes other than the four its targets compare (proactive-lazy against proactive, say)."""
     parts = []
     polls = {rec.get("client_busy_poll_us") or 0 for rec in records}
     if len(polls) == 1 and 0 not in polls:
@@ -66,6 +69,9 @@ def _run_variant(records: list[dict[str, Any]]) -> str:
     spins = {rec.get("daemon_worker_spin_us") for rec in records}
     if len(spins) == 1 and None not in spins:
         parts.append(f"djinnd --worker-spin-us {spins.pop():g}")
+    modes = {rec["mode"] for rec in records if rec.get("kind") == "probe" and isinstance(rec.get("mode"), str)}
+    if modes and modes != SIGNALS_DEFAULT_MODES:  # a signals run of other modes than the four compared
+        parts.append("modes " + ",".join(sorted(modes)))
     return ", ".join(parts)
 
 
@@ -164,7 +170,7 @@ def render(latest: dict[Key, list[dict[str, Any]]], figures: list[str] = (),
                     "the records with a target)", ""]
             out += _table(before, {}, stamp=("run_id",))
         short = slug(model) if model else ""
-        for name in figures:
+        for name in () if variant else figures:  # a figure's file is named by bench and model: the default run's
             if name.startswith(f"{bench}_") and (not short or name.removesuffix(".svg").endswith(f"_{short}")):
                 out += [f"![{name}](../bench/results/{name})", ""]
     return "\n".join(out)

@@ -69,6 +69,21 @@ def test_a_kept_run_whose_worker_polled_is_kept_apart(tmp_path: Path) -> None:
     assert "## os_tax on GPU-X, dummy:gpt2 (djinnd --worker-spin-us 0)" in render(latest)
 
 
+def test_a_signals_run_of_other_modes_is_kept_beside_the_run_of_the_four_compared(tmp_path: Path) -> None:
+    def probes(run: str, t: float, modes: tuple[str, ...]) -> list[dict]:
+        return [_rec(run, t, "dummy:llama-1b", "probe", 1.0) | {"mode": m} for m in modes]
+
+    _write(tmp_path / "signals.jsonl", probes("full", 1.0, ("proactive", "reactive", "none", "recompute"))
+           + probes("lazy", 2.0, ("proactive", "proactive-lazy")))
+    latest = load(tmp_path, include_quick=False)
+    assert {k[3]: v[0]["run_id"] for k, v in latest.items()} == {"": "full", "modes proactive,proactive-lazy": "lazy"}
+    text = render(latest, ["signals_cliff_llama-1b.svg"])
+    assert "## signals on GPU-X, dummy:llama-1b (modes proactive,proactive-lazy)" in text
+    lazy = text.split("(modes proactive,proactive-lazy)")[1]
+    assert "signals_cliff_llama-1b.svg" not in lazy  # the figure is the default run's
+    assert "signals_cliff_llama-1b.svg" in text.split("(modes proactive,proactive-lazy)")[0]
+
+
 def test_earlier_runs_of_the_latest_commit_are_shown_with_their_targets(tmp_path: Path) -> None:
     def rec(run: str, t: float, commit: str, ratio: float, metric: str = "null_round_trip") -> dict:
         r = {"bench": "rpc", "device": "GPU-X", "run_id": run, "time_unix": t, "quick": False,
