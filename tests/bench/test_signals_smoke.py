@@ -152,13 +152,15 @@ def test_summary_and_targets() -> None:
     assert summarize_probe(log, slo_p99_ms=3000.0)["success"] is True
     log.fail("ENOMEM")
     assert summarize_probe(log, 1000.0)["success"] is False
-    probes = [{"mode": m, "agents": 4, "step_p99_ms": p99} for m, p99 in (("proactive", 50.0), ("recompute", 80.0))]
+    probes = [{"mode": m, "agents": 4, "step_p99_ms": p99, "tool_step_p99_ms": tool}
+              for m, p99, tool in (("proactive", 50.0, 40.0), ("recompute", 80.0, 70.0))]
     wake = [{"variant": "hint", "wake_p50_ms": 5.4, "wake_p99_ms": 7.0},
             {"variant": "never_paged", "wake_p50_ms": 5.0, "wake_p99_ms": 6.0}]
     v = targets({"proactive": 12, "reactive": 4, "none": 4}, probes, wake, {"proactive": False})
     assert v["proactive_vs_reactive"] == 3 and v["proactive_vs_none_met"] is True
     assert v["wake_within_1ms_met"] is True and v["beats_recompute_p99_met"] is True
     assert v["density_lower_bound"] == ["proactive"]
+    assert (v["proactive_tool_step_p99_ms"], v["recompute_tool_step_p99_ms"]) == (40.0, 70.0)
     assert targets({"proactive": 4}, [], [])["proactive_vs_reactive_met"] is None
 
 
