@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+from bench.cpus import unpinned
+
 __all__ = ["stamp", "Recorder", "percentile", "summarize_us", "progress", "add_common_args", "REPO_ROOT",
            "spawn_server", "stop_server", "daemon"]
 
@@ -155,8 +157,6 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def spawn_server(argv: list[str], path: str, timeout_s: float = 300.0) -> subprocess.Popen[str]:
     """Start a server process and wait until its Unix socket at `path` accepts a connection."""
-    from bench.cpus import unpinned
-
     with unpinned():  # a client pinned to its CPU must not pin the server it starts
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     deadline = time.monotonic() + timeout_s
