@@ -17,6 +17,10 @@ A wake-up experiment (one agent alone: IO_WAIT with expected_ms, IO_WAIT without
 the proactive daemon before its first probe. Wake-up is from COMPUTE (the tool's return) to the first
 token; COMPUTE is posted, as by the agents, so it is not a round trip of its own. It takes 60 cycles of
 each variant by default (20 before), for tighter p50s against a 1 ms target.
+After the searches, proactive and recompute run once more each, at the largest agent count both were
+probed at, for --compare-s (45 s by default), each against a daemon of its own; the p99-step target is
+judged on these longer probes (a density probe's p99 is about its third-largest step). The targets
+record also carries, for the record, both modes' p99 over the steps after a tool call.
 Rules: a fresh djinnd per probe (or per mode with --daemon-per mode: counters are then taken as
 deltas and the daemon must be idle between probes); retryable ENOMEM is retried with bounded backoff
 and an agent that exhausts it has failed; every mode runs the same workload, seeds and SLO.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -39,7 +44,8 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 from bench.agents import (AgentsSpec, Backoff, DensitySearch, ProbeLog, TokenBudget, ToolTimes, arrival_times,
-                          cliff_svg, memory_svg, slug, summarize_probe, summary_lines, targets)
+                          cliff_svg, compared_count, memory_svg, slug, summarize_probe, summary_lines,
+                          targets)
 from bench.common import Recorder, daemon, percentile
 from bench.cpus import add_cpus_arg, placement
 
@@ -71,12 +77,12 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 FULL = dict(model="dummy:llama-1b", device="auto", modes=",".join(MODES), agents="1x:16x", slo_p99_ms=2000.0,
             tool_time="uniform:1:10", arrival_rate=10.0, context_tokens=1024, tool_tokens=32, decode_tokens=16,
             duration_s=30.0, max_tokens=2048, resident_arenas=8, sample_ms=250.0, wakeup_cycles=60,
-            wakeup_tool_ms=400.0, daemon_per="probe")
+            wakeup_tool_ms=400.0, daemon_per="probe", compare_s=45.0)
 QUICK = dict(model="demo", device="cpu", modes=",".join(MODES), agents="1x,3x", slo_p99_ms=1000.0,
              tool_time="uniform:0.05:0.2", arrival_rate=100.0, context_tokens=64, tool_tokens=4, decode_tokens=2,
              duration_s=1.5, max_tokens=256, resident_arenas=2, sample_ms=100.0, wakeup_cycles=6,
              wakeup_tool_ms=100.0, daemon_per="mode", idle_timeout_s=0.1, vmu_text="64MiB", vmu_stack="64MiB",
-             vmu_host="256MiB")
+             vmu_host="256MiB", compare_s=2.0)
 
 
 def _defaults(key: str) -> str:
@@ -126,6 +132,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     a("--backoff-ms", "first ENOMEM backoff; it doubles up to 500 ms, jittered", type=float, default=20.0)
     a("--sample-ms", "stat sampling period of the memory timeline", type=float)
     a("--wakeup-cycles", "wake-up experiment cycles per variant (0: skip it)", type=int)
+    a("--compare-s", "seconds of each of the two longer probes that compare proactive's p99 step with "
+      "recompute's at the largest agent count both probed (0: compare the density probes)", type=float)
     a("--wakeup-tool-ms", "tool time of the wake-up experiment", type=float)
     a("--replot", "render the figures and tables again from the output dir's signals.jsonl; run nothing",
       action="store_true")
@@ -645,8 +653,10 @@ def run(args: argparse.Namespace, launch: Launcher = daemon) -> int:
         for name in names:
             state.search(daemons, MODES[name])
             daemons.release(name)
+        if s.compare_s > 0:
+            state.compare(daemons)
     verdict = rec.record(kind="targets", model=s.model, config=state.config,
-                         **targets(state.densities, state.probes, state.wakeups, state.bounded))
+                         **targets(state.densities, state.probes, state.wakeups, state.bounded, state.compares))
     report(state.probes, state.densities, state.bounded, state.wakeups, verdict, Path(s.output_dir))
     print(f"results: {rec.path} ({time.monotonic() - t0:.0f} s)")
     return 0
@@ -669,6 +679,7 @@ class Run:
         self.densities: dict[str, int] = {}
         self.bounded: dict[str, bool] = {}
         self.wakeups: list[dict[str, Any]] = []
+        self.compares: list[dict[str, Any]] = []
 
     def search(self, daemons: Daemons, mode: Mode) -> None:
         """Probe `mode` until its density is found; record each probe and the density."""
@@ -692,6 +703,24 @@ class Run:
         self.rec.record(kind="density", mode=mode.name, model=self.s.model, density=search.density,
                         upper_bound_found=self.bounded[mode.name],
                         probed={str(k): v for k, v in sorted(search.results.items())}, config=self.config)
+
+    def compare(self, daemons: Daemons) -> None:
+        """proactive and recompute again at the largest agent count both were probed at, each for
+        --compare-s, each against a daemon of its own: the p99 of a density probe's few hundred steps is
+        about its third-largest step, too few to tell modes a few percent apart."""
+        n = compared_count(self.probes)
+        if n is None:
+            return
+        w = dataclasses.replace(self.w, duration_s=self.s.compare_s)
+        for name in ("proactive", "recompute"):
+            mode = MODES[name]
+            with daemons.use(name, self.flags[mode]) as path:
+                result = _run_async(run_probe(path, mode, n, w, self.s.seed + n))
+            daemons.release(name)
+            self.compares.append(self.rec.record(
+                kind="compare", mode=name, model=self.s.model, agents=n, slo_p99_ms=w.slo_p99_ms,
+                duration_s=w.duration_s, daemon_flags=list(self.flags[mode]), config=self.config, **result))
+            _progress(self.compares[-1])
 
     def _wakeup(self, path: str) -> None:
         rows = _run_async(run_wakeup(path, self.w, self.s.wakeup_cycles, self.s.wakeup_tool_ms / 1e3, self.s.seed))
@@ -738,10 +767,12 @@ def replot(out_dir: Path) -> int:
     for model in dict.fromkeys(r["model"] for r in records):
         latest = [r for r in records if r["model"] == model and r["run_id"] == max(
             x["run_id"] for x in records if x["model"] == model)]
-        of = {kind: [r for r in latest if r["kind"] == kind] for kind in ("probe", "density", "wakeup", "targets")}
+        of = {kind: [r for r in latest if r["kind"] == kind]
+              for kind in ("probe", "density", "wakeup", "targets", "compare")}
         densities = {d["mode"]: d["density"] for d in of["density"]}
         bounded = {d["mode"]: d.get("upper_bound_found", True) for d in of["density"]}
-        verdict = of["targets"][-1] if of["targets"] else targets(densities, of["probe"], of["wakeup"], bounded)
+        verdict = (of["targets"][-1] if of["targets"]
+                   else targets(densities, of["probe"], of["wakeup"], bounded, of["compare"]))
         print(f"\n{model} ({latest[0]['run_id']}, {latest[0]['device']}):")
         report(of["probe"], densities, bounded, of["wakeup"], verdict, out_dir)
     return 0

@@ -79,6 +79,13 @@ def test_quick_run_records_every_mode(tmp_path: Path) -> None:
     assert never["n"] == 2 and never["out_ops"] == 0
     [verdict] = by_kind["targets"]
     assert set(verdict["densities"]) == set(signals.MODES)
+    compares = {c["mode"]: c for c in by_kind["compare"]}  # the longer probes the p99 target is judged on
+    assert set(compares) == {"proactive", "recompute"}
+    n = max({p["agents"] for p in probes if p["mode"] == "proactive"}
+            & {p["agents"] for p in probes if p["mode"] == "recompute"})
+    assert all(c["agents"] == n and c["duration_s"] == 2.0 for c in compares.values())
+    assert verdict["recompute_compared_at_agents"] == n and verdict["recompute_compared_on"].startswith("compare")
+    assert verdict["proactive_step_p99_ms"] == compares["proactive"]["step_p99_ms"]
     for name in ("signals_cliff_demo.svg", "signals_memory_demo.svg"):
         assert ET.parse(tmp_path / name).getroot().tag.endswith("svg")
 
@@ -161,6 +168,12 @@ def test_summary_and_targets() -> None:
     assert v["wake_within_1ms_met"] is True and v["beats_recompute_p99_met"] is True
     assert v["density_lower_bound"] == ["proactive"]
     assert (v["proactive_tool_step_p99_ms"], v["recompute_tool_step_p99_ms"]) == (40.0, 70.0)
+    assert v["recompute_compared_on"] == "density probes"
+    longer = [{"mode": m, "agents": 4, "step_p99_ms": p99, "duration_s": 45.0}
+              for m, p99 in (("proactive", 90.0), ("recompute", 60.0))]
+    judged = targets({"proactive": 12}, probes, wake, compares=longer)  # the longer probes decide
+    assert judged["beats_recompute_p99_met"] is False and judged["recompute_compared_on"] == "compare probes of 45.0 s"
+    assert targets({"proactive": 12}, probes, wake, compares=longer[:1])["beats_recompute_p99_met"] is True
     assert targets({"proactive": 4}, [], [])["proactive_vs_reactive_met"] is None
 
 
