@@ -133,16 +133,17 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     arena = DeviceArena(lm.arena_nbytes(int(ids.numel())), dev)
     name = f"{metric}-warm"
     k.load_model(spec, name=name, dtype=su.dtype)
-    sides: list[Callable[[], float]] = [
-        lambda: time_native(lambda: hf_last_logits(hf, ids, dev), dev)[0],
-        lambda: time_native(lambda: driver_last_logits(lm, arena, ids), dev)[0],
-        lambda: _djinn_forward(k, name, ids)[0],
-        lambda: time_native(lambda: hf_last_logits(hf, ids, dev, inference_mode=True), dev)[0],
+    # (where this process runs it, the timed call): the native sides on the work CPU, djinnd's side on the
+    # client's (its worker is on the work CPU)
+    sides: list[tuple[Callable[[], Any], Callable[[], float]]] = [
+        (su.cpus.as_work, lambda: time_native(lambda: hf_last_logits(hf, ids, dev), dev)[0]),
+        (su.cpus.as_work, lambda: time_native(lambda: driver_last_logits(lm, arena, ids), dev)[0]),
+        (su.cpus.as_client, lambda: _djinn_forward(k, name, ids)[0]),
+        (su.cpus.as_work, lambda: time_native(lambda: hf_last_logits(hf, ids, dev, inference_mode=True), dev)[0]),
     ]
-    where = [su.cpus.as_work, su.cpus.as_work, su.cpus.as_client, su.cpus.as_work]  # djinnd's worker: the work CPU
     for _ in range(5):
-        for side, cpu in zip(sides, where):
-            with cpu():
+        for place, side in sides:
+            with place():
                 side()
     native: list[float] = []
     driver: list[float] = []
@@ -152,10 +153,11 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     before = _daemon_counters(k)
     for r in progress(range(args.rounds), f"{label}: warm rounds"):
         for i in range(len(sides)):  # rotate which side goes first
-            side = (r + i) % len(sides)
-            with where[side]():
+            j = (r + i) % len(sides)
+            place, side = sides[j]
+            with place():
                 for _ in range(args.block):
-                    samples[side].append(sides[side]())
+                    samples[j].append(side())
     inside = _daemon_means_ms(before, _daemon_counters(k), len(djinn))
     native_logits = hf_last_logits(hf, ids, dev)
     djinn_logits = _djinn_forward(k, name, ids)[1]

@@ -16,7 +16,7 @@ Modes (each against its own djinnd, started with the policy flags below):
 A wake-up experiment (one agent alone: IO_WAIT with expected_ms, IO_WAIT without, no signal) runs on
 the proactive daemon before its first probe. Wake-up is from COMPUTE (the tool's return) to the first
 token; COMPUTE is posted, as by the agents, so it is not a round trip of its own. It takes 60 cycles of
-each variant by default (20 before), for tighter p50s against a 1 ms target.
+each variant by default, for p50s tight enough to judge against a 1 ms target.
 After the searches, proactive and recompute run once more each, at the largest agent count both were
 probed at, for --compare-s (45 s by default), each against a daemon of its own; the p99-step target is
 judged on these longer probes (a density probe's p99 is about its third-largest step). The targets
@@ -204,15 +204,6 @@ def memory_plan(s: argparse.Namespace) -> tuple[str, int | None]:
         return s.vmu_data, int(size // arena) if isinstance(size, int) else None
     arena = arena_nbytes_per_token(s.model, s.device, s.dtype) * s.max_tokens
     return str(s.resident_arenas * arena + min(arena // 4, 1 << 20)), s.resident_arenas
-
-
-def _device_kind(device: str) -> str:
-    """"cuda" where the daemons will run on a GPU (the --device flag, auto included), else "cpu"."""
-    if device.startswith("cpu"):
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def daemon_flags(s: argparse.Namespace, mode: Mode, vmu_data: str) -> list[str]:
@@ -672,7 +663,9 @@ class Run:
                        "daemon_per": s.daemon_per, "idle_timeout_s": s.idle_timeout_s,
                        "memory_wait_ms": s.memory_wait_ms, "device_flag": s.device,
                        "enomem_retries": s.enomem_retries}
-        self.cpus = placement(s.cpus, _device_kind(s.device))
+        from djinn.drivers.vmu import resolve_device  # the daemons' own reading of --device
+
+        self.cpus = placement(s.cpus, resolve_device(s.device)[0].type)
         self.config.update(self.cpus.record())
         self.flags = {m: tuple([*daemon_flags(s, m, vmu_data), *self.cpus.daemon_flags()]) for m in MODES.values()}
         self.probes: list[dict[str, Any]] = []

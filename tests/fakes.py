@@ -4,18 +4,22 @@
 filled with 0xFF bytes (NaN in every float dtype) so that reading an unwritten byte shows up.
 `move()`, `page_out()` / `page_in()` keep only the used prefix, like the VMU. `save_tiny(kind, path)`
 builds a seeded tiny model of one family and saves it with `save_pretrained`. `ConnectionKernel`
-is what a `kernel.server.Connection` needs of the kernel.
+is what a `kernel.server.Connection` needs of the kernel. `requires_affinity` skips a test that pins
+threads to CPUs where the platform cannot (only Linux can).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import pytest
 import torch
 
 __all__ = [
+    "requires_affinity",
     "FakeArena",
     "TINY_KINDS",
     "tiny_config",
@@ -24,6 +28,8 @@ __all__ = [
     "hf_reference",
     "FakeTextAllocator",
 ]
+
+requires_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
 
 GARBAGE = 0xFF  # every float dtype reads 0xFF.. bytes as NaN
 

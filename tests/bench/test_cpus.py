@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from bench.cpus import Placement, placement, rank_cpus
+from tests.fakes import requires_affinity
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+pytestmark = requires_affinity
 
 
 def test_rank_cpus_times_every_cpu_fastest_first_and_restores_the_mask():

@@ -21,6 +21,7 @@ import pytest
 
 import djinn
 from tests.daemon import LiveDaemon, daemon_config
+from tests.fakes import requires_affinity
 
 
 def _start(tmp_path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -148,10 +149,7 @@ def test_boot_objects_are_frozen_out_of_the_cyclic_gc(tmp_path):
     assert int(frozen[0].split("froze ")[1].split()[0]) > 10_000  # torch alone is far more than this
 
 
-_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
-
-
-@_affinity
+@requires_affinity
 def test_worker_and_loop_run_on_the_cpus_they_are_given_and_stat_says_which():
     cpu = max(os.sched_getaffinity(0))
     d = LiveDaemon(daemon_config(worker_cpus=(cpu,), loop_cpus=(cpu,))).start()
@@ -164,7 +162,7 @@ def test_worker_and_loop_run_on_the_cpus_they_are_given_and_stat_says_which():
         d.stop()
 
 
-@_affinity
+@requires_affinity
 def test_a_cpu_djinnd_may_not_use_exits_with_a_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "djinn.kernel.boot", "--socket", str(tmp_path / "s.sock"),
                           "--model", "none", "--worker-cpus", "4096"], capture_output=True, text=True, timeout=120)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-import os
-
 from djinn.kernel.config import (SETTINGS, Config, build_parser, check_cpus, default_socket_path, load_config,
                                  parse_cpus, parse_size)
+from tests.fakes import requires_affinity
 
 
 def test_defaults(tmp_path):
@@ -91,7 +91,7 @@ def test_cpu_settings_from_toml_env_and_flag(tmp_path):
         load_config(["--worker-cpus", "two"], env={"XDG_CONFIG_HOME": str(tmp_path)})
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+@requires_affinity
 def test_check_cpus_accepts_cpus_this_process_has_and_names_the_others():
     mine = tuple(sorted(os.sched_getaffinity(0)))
     check_cpus(Config(worker_cpus=mine[:1], loop_cpus=mine))

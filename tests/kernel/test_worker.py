@@ -12,6 +12,7 @@ import torch
 from djinn.drivers.errors import BadArgument, Busy, OutOfMemory
 from djinn.kernel.errors import EBUSY, ECANCELED, EINVAL, EIO, ENOMEM
 from djinn.kernel.worker import DeviceWorker
+from tests.fakes import requires_affinity
 
 
 @pytest.fixture
@@ -118,10 +119,7 @@ async def test_close_runs_what_is_queued_then_refuses_new_work():
         await w.run(lambda: None)
 
 
-_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
-
-
-@_affinity
+@requires_affinity
 async def test_pinned_worker_runs_on_its_cpus_only_and_the_caller_keeps_its_own():
     mine = os.sched_getaffinity(0)
     cpu = max(mine)
@@ -134,7 +132,7 @@ async def test_pinned_worker_runs_on_its_cpus_only_and_the_caller_keeps_its_own(
         w.close()
 
 
-@_affinity
+@requires_affinity
 def test_a_cpu_the_process_may_not_use_fails_the_constructor_and_leaves_no_thread():
     before = threading.active_count()
     with pytest.raises(OSError):
