@@ -117,6 +117,14 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def paired_median_diff(a: list[float], b: list[float]) -> float:
+    """The median of a[i] - b[i]: what a costs over b, each pair measured back to back, so that a drift of the
+    host's speed between pairs cancels (a difference of the two lists' medians keeps it)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
+    return percentile([x - y for x, y in zip(a, b)], 50)
+
+
 def summarize_us(samples_s: list[float]) -> dict[str, float]:
     """p50/p99/mean in microseconds from samples in seconds."""
     us = [x * 1e6 for x in samples_s]

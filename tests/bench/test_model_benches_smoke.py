@@ -75,7 +75,8 @@ def test_breakpoint_quick(tmp_path: Path) -> None:
     records = _run(tmp_path, "breakpoint")
     for r in _figures(records, "pause_resume_accuracy", ("layer", "token_accuracy_pct", "bitwise")):
         assert r["token_accuracy_pct"] == 100.0 and r["bitwise"]
-    _figures(records, "pause_resume_extra", ("layer", "extra_ms", "ratio"))
+    for r in _figures(records, "pause_resume_extra", ("layer", "extra_ms", "extra_p50_diff_ms", "ratio")):
+        assert r["extra_p50_diff_ms"] == pytest.approx(r["djinn"] - r["baseline_value"])  # the p50s' difference
     _figures(records, "checkpoint_dispatch", ("ratio", "nbytes"))
     _figures(records, "checkpoint_copy_done", ("ratio", "server_copy_ms"))
     (restore,) = _figures(records, "restore", ("ratio", "restore_exact"))
