@@ -169,13 +169,15 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
 
     def _settle(self, rid: int) -> bool:
-        """The loop is done with request `rid`. True if the worker had already sent its reply; then
-        the requests held behind it may start."""
+        """The loop is replying to request `rid`. True if the worker had already sent its reply; then
+        the requests held behind it may start, once the rest of this one's bookkeeping is done: this
+        runs inside reply(), before the request's task lets go of its session lock and records its
+        stats, so they start from the loop's next turn and see all of it."""
         with self._send_lock:
             if self._early.pop(rid, None) is None:
                 return False
         if self._held and not self.closed:
-            self._release_held()
+            asyncio.get_running_loop().call_soon(self._release_held)
         return True
 
     def eof_received(self) -> bool:

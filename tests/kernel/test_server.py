@@ -388,6 +388,23 @@ def _probe_stat(path: str, busy: Any = None) -> tuple[int, float, float, float]:
     return int(n), float(p50), float(p99), float(slowest)
 
 
+def test_a_request_after_a_reply_from_the_worker_sees_all_of_its_effects(kernel):
+    """forward's reply leaves from the device worker, before the loop has finished the request. A stat
+    sent the moment it arrives must still count that forward and find its session at rest, as it would
+    had the loop sent the reply: the held request starts after the finished one's bookkeeping. (Each
+    round gives the race a chance; before the fix most rounds saw the count one short.)"""
+    s = kernel.open_session(max_tokens=64)
+    try:
+        for _ in range(20):
+            before = kernel.stat()["syscalls"].get("forward", {}).get("count", 0)
+            s.forward([1, 2, 3], return_logits="last")
+            st = kernel.stat()
+            assert st["syscalls"]["forward"]["count"] == before + 1
+            assert {x["id"]: x["state"] for x in st["sessions"]}[s.id] == "READY"
+    finally:
+        s.close()
+
+
 def test_stat_answers_while_the_worker_is_busy(djinnd):
     """A control syscall never waits for the device worker.
 
