@@ -11,7 +11,12 @@ Definitions (dummy:gpt2, 512 random tokens; every djinnd figure is wall clock at
   pairs' differences (target <= 0.5 ms): the two sides of a pair run within milliseconds of each other, so a
   drift of the host's speed between pairs cancels, where it does not in a difference of two p50s (kept too, as
   `extra_p50_diff_ms`: the uninterrupted forward's p50 alone has moved by several ms from one layer's samples
-  to the next on the lent VM).
+  to the next on the lent VM). Where the extra goes, from half as many pairs again with `stat` read just
+  before and after each side's timed syscalls, each a median of the pairs' differences: at the client
+  (`extra_client_ms`), inside djinnd from dispatch until the loop is done with each request
+  (`extra_in_djinnd_ms`), and on the device worker (`extra_on_worker_ms`, the model steps and their replies).
+  Client minus djinnd is about the wire, the client library and the wake-ups; djinnd minus worker, about the
+  dispatch and the hand-offs to the worker and back (medians of differences do not add up exactly).
 - checkpoint (paused at the steering layer): dispatch = the `checkpoint` syscall as the client sees it
   (baseline: a `nop`); copy done = from dispatch until `checkpoint_status(wait=True)` returns (baseline: a
   device-to-host copy of the same bytes into pinned memory in this process); restore = the `restore`
@@ -127,12 +132,43 @@ def _pause_timing(b: _Bench, layer: int, n: int) -> dict[str, list[float]]:
     return out
 
 
+def _extra_split(b: _Bench, layer: int, n: int) -> dict[str, Any]:
+    """Where the pause+resume's extra goes: n more pairs (as in _pause_timing), each side with djinnd's `stat`
+    read just before and after its timed syscalls (the session is opened before and closed after, untimed).
+    Per side and pair: the client's time, djinnd's (dispatch until the loop is done with the request, summed
+    over the forward and resume syscalls) and the device worker's busy time; each extra is the median of the
+    pairs' differences (pause+resume minus forward)."""
+    parts: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+    for i in range(n):
+        for paused in ((False, True) if i % 2 == 0 else (True, False)):
+            s = b.session()
+            before = b.k.stat()
+            t0 = time.perf_counter()
+            if paused:
+                s.forward(b.ids, pause_at=layer)
+                s.resume(return_logits="last")
+            else:
+                s.forward(b.ids, return_logits="last")
+            client = time.perf_counter() - t0
+            after = b.k.stat()
+            s.close()
+            daemon = sum(after["syscalls"].get(c, {}).get("total_s", 0.0)
+                         - before["syscalls"].get(c, {}).get("total_s", 0.0) for c in ("forward", "resume"))
+            parts[paused].append((client, daemon, after["worker"]["busy_s"] - before["worker"]["busy_s"]))
+    names = ("extra_client_ms", "extra_in_djinnd_ms", "extra_on_worker_ms")
+    out: dict[str, Any] = {name: 1e3 * paired_median_diff([p[i] for p in parts[True]], [p[i] for p in parts[False]])
+                           for i, name in enumerate(names)}
+    out["split_n"] = n
+    return out
+
+
 def _layer(b: _Bench, layer: int, trials: int, timing_n: int, ref: torch.Tensor, ref_cont: list[int],
            rec: Recorder, rows: list[list[Any]]) -> None:
     acc = _accuracy(b, layer, trials, ref, ref_cont)
     tm = _pause_timing(b, layer, timing_n)
     un, pr = percentile(tm["uninterrupted"], 50), percentile(tm["pause_resume"], 50)
     paired = paired_median_diff(tm["pause_resume"], tm["uninterrupted"])
+    split = _extra_split(b, layer, max(2, timing_n // 2))
     rec.record(metric="pause_resume_accuracy", layer=layer, unit="%", djinn=acc["token_accuracy_pct"],
                baseline="uninterrupted forward", baseline_value=100.0, ratio=acc["token_accuracy_pct"] / 100,
                tokens_compared_per_trial=ref.shape[0] + len(ref_cont), target="100%", **acc)
@@ -141,7 +177,8 @@ def _layer(b: _Bench, layer: int, trials: int, timing_n: int, ref: torch.Tensor,
                extra_p50_diff_ms=(pr - un) * 1e3, extra_estimate="median of back-to-back pairs' differences",
                pause_ms=percentile(tm["pause"], 50) * 1e3, resume_ms=percentile(tm["resume"], 50) * 1e3,
                djinn_p99_ms=percentile(tm["pause_resume"], 99) * 1e3,
-               baseline_p99_ms=percentile(tm["uninterrupted"], 99) * 1e3, n=timing_n, target="extra <= 0.5 ms")
+               baseline_p99_ms=percentile(tm["uninterrupted"], 99) * 1e3, n=timing_n, target="extra <= 0.5 ms",
+               **split)
     rows.append([f"layer {layer}: token accuracy % (bitwise={acc['bitwise']})", acc["token_accuracy_pct"], 100.0,
                  acc["token_accuracy_pct"] / 100, "100%"])
     rows.append([f"layer {layer}: pause+resume ms, extra {1e3 * paired:.3f} ms", pr * 1e3, un * 1e3, pr / un,

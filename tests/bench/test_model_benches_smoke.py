@@ -77,6 +77,7 @@ def test_breakpoint_quick(tmp_path: Path) -> None:
         assert r["token_accuracy_pct"] == 100.0 and r["bitwise"]
     for r in _figures(records, "pause_resume_extra", ("layer", "extra_ms", "extra_p50_diff_ms", "ratio")):
         assert r["extra_p50_diff_ms"] == pytest.approx(r["djinn"] - r["baseline_value"])  # the p50s' difference
+        assert r["split_n"] >= 2 and all(math.isfinite(r[f"extra_{part}_ms"]) for part in ("client", "in_djinnd", "on_worker"))
     _figures(records, "checkpoint_dispatch", ("ratio", "nbytes"))
     _figures(records, "checkpoint_copy_done", ("ratio", "server_copy_ms"))
     (restore,) = _figures(records, "restore", ("ratio", "restore_exact"))
