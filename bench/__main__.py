@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, help_ in BENCHES.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        add_common_args(p)
+        if name != "report":  # it runs nothing: it reads --results
+            add_common_args(p)
         if name == chosen:
             mod = importlib.import_module(f"bench.{name.replace('-', '_')}")
             mod.add_args(p)

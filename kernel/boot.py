@@ -121,6 +121,7 @@ async def serve(config: Config, *, on_ready: Callable[[Any], None] | None = None
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
+        check_cpus(config)  # serve() checks too, for callers that start it themselves
     except ValueError as e:
         print(f"djinnd: {e}", file=sys.stderr)
         return 2

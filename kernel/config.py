@@ -165,7 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
             "none"),
     Setting("tcp_token_uid", int, os.geteuid(), "uid that owns sessions opened over TCP with the token",
             "the daemon's uid"),
-    Setting("model", str, "demo", "model to load at boot: demo, dummy:gpt2, dummy:llama-1b, dummy:llama-8b or a local HF directory"),
+    Setting("model", str, "demo", "model to load at boot: demo, dummy:gpt2, dummy:llama-1b, dummy:llama-8b, a local HF directory, "
+            "or none (load models later with load_model)"),
     Setting("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Setting("dtype", _opt_str, None, "model dtype (float32, bfloat16, float16); default fp32 on CPU, the checkpoint's half precision on CUDA"),
     Setting("policy", _choice("proactive", "reactive", "none"), "proactive", "memory policy"),
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="djinnd",
         description="Djinn tensor operating system daemon.",
         epilog="Precedence: defaults < TOML file < DJINN_* environment < flags. "
-        "TOML keys are the setting names below with '_' (e.g. idle_timeout_s = 2.0).",
+        "TOML keys are the setting names above with '_' (e.g. idle_timeout_s = 2.0).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="PATH", help="TOML config file ($DJINN_CONFIG)")

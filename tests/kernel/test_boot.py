@@ -166,4 +166,4 @@ def test_worker_and_loop_run_on_the_cpus_they_are_given_and_stat_says_which():
 def test_a_cpu_djinnd_may_not_use_exits_with_a_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "djinn.kernel.boot", "--socket", str(tmp_path / "s.sock"),
                           "--model", "none", "--worker-cpus", "4096"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "worker_cpus: CPU(s) 4096 are not available" in out.stderr
+    assert out.returncode == 2 and "djinnd: setting worker_cpus: CPU(s) 4096 are not available" in out.stderr

@@ -274,3 +274,14 @@ def test_synthetic_snapshot_counters_only_grow():
     assert len(b["sessions"]) == 200
     r = build_view(a, b, 0.25).rates
     assert not r.since_boot and r.page_in_bps > 0 and r.syscalls_per_s > 0
+
+
+def test_every_syscall_name_fits_the_syscall_column_whole():
+    from djinn.syscalls.table import TABLE
+    from djinn.top.model import SyscallRow
+    from djinn.top.plain import syscall_lines
+
+    rows = tuple(SyscallRow(name, 1, 0, 1.0, 10.0, 20.0) for name in TABLE)
+    lines = syscall_lines(rows)
+    for name, line in zip(TABLE, lines[1:]):
+        assert line.split()[0] == name

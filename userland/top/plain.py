@@ -72,7 +72,8 @@ def rates_lines(rates: Rates) -> list[str]:
     ]
 
 
-SYSCALL_HEADING = f"{'SYSCALL':<16} {'CALLS/S':>8} {'COUNT':>8} {'ERR':>5} {'P50':>8} {'P99':>8}"
+NAME_WIDTH = 18  # the longest syscall name (checkpoint_status) and a cell to spare
+SYSCALL_HEADING = f"{'SYSCALL':<{NAME_WIDTH}} {'CALLS/S':>8} {'COUNT':>8} {'ERR':>5} {'P50':>8} {'P99':>8}"
 
 
 def syscall_lines(rows: tuple[SyscallRow, ...], limit: int | None = None) -> list[str]:
@@ -81,7 +82,7 @@ def syscall_lines(rows: tuple[SyscallRow, ...], limit: int | None = None) -> lis
     lines = [SYSCALL_HEADING]
     for r in shown:
         lines.append(
-            f"{r.name[:16]:<16} {fmt_count(r.per_s):>8} {fmt_count(r.count):>8} {fmt_count(r.errors):>5} "
+            f"{r.name[:NAME_WIDTH]:<{NAME_WIDTH}} {fmt_count(r.per_s):>8} {fmt_count(r.count):>8} {fmt_count(r.errors):>5} "
             f"{fmt_us(r.p50_us):>8} {fmt_us(r.p99_us):>8}"
         )
     if not rows:
