@@ -59,9 +59,10 @@ class Checkpoint:
 
 
 async def _wait_copy(job: Any) -> None:
-    """Await a copy job without blocking the loop (CPU jobs are already done)."""
+    """Await a copy job without blocking the loop: a helper thread sleeps until it is done (it does not
+    spin, which would take a CPU from the loop or the worker for the whole copy)."""
     if not job.query():
-        await asyncio.get_running_loop().run_in_executor(None, job.wait)
+        await asyncio.get_running_loop().run_in_executor(None, job.sleep)
 
 
 def rest_state(s: Session) -> str:

@@ -1,10 +1,11 @@
 """Copy jobs: what page_out, page_in, snapshot and restore return at once, before the copy ends.
 
 Rules: `query()` never blocks; `wait()` blocks the calling thread on this job's fence
-only (call it off the event loop); `seconds` is None until the copy is known to be
-done, then the copy's own duration (CUDA: between two timing events on the copy
-stream; CPU: on the copy thread). A job reports itself done to the VMU's swap
-statistics exactly once, from whichever thread sees it finish first.
+only (call it off the event loop), and `sleep()` does so without spinning a CPU;
+`seconds` is None until the copy is known to be done, then the copy's own duration
+(CUDA: between two timing events on the copy stream; CPU: on the copy thread). A job
+reports itself done to the VMU's swap statistics exactly once, from whichever thread
+sees it finish first.
 """
 
 from __future__ import annotations
@@ -48,9 +49,16 @@ class PageJob:
         return True
 
     def wait(self) -> None:
-        """Block until the copy has finished (this fence only, never the device)."""
+        """Block until the copy has finished (this fence only, never the device), spinning on CUDA."""
         if self._seconds is None:
             self._end.wait()
+            self._finish()
+
+    def sleep(self) -> None:
+        """wait(), for a thread that waits in the background: it blocks without keeping a CPU busy, at the
+        price of some microseconds more to wake."""
+        if self._seconds is None:
+            self._end.sleep()
             self._finish()
 
     @property

@@ -82,7 +82,7 @@ class PagingMixin:
                         s.copy(self.data, offset, self.host, host_offset, n)
                     if offset == home and n < arena.nbytes:
                         s.zero(self.data, offset + n, arena.nbytes - n)
-                    end = s.record()
+                    end = s.record(sleepable=True)
                     job = PageJob("page_in", arena.session, n, start, end, self._account)
                     if host_offset is not None:
                         self._retire(self.host, host_offset, end, fresh=True)
@@ -144,7 +144,7 @@ class PagingMixin:
             start = s.record()
             if n:
                 s.copy(self.data, arena.offset, self.host, host_copy.host_offset, n)
-            end = s.record()
+            end = s.record(sleepable=True)
             job = PageJob("restore", arena.session, n, start, end, self._account)
             arena.used_nbytes = n
             arena._fence, arena._in_fence = end, None
@@ -176,7 +176,7 @@ class PagingMixin:
         start = s.record()
         if n:
             s.copy(self.host, host_offset, self.data, arena.offset, n)
-        return (host_offset if n else None), start, s.record()
+        return (host_offset if n else None), start, s.record(sleepable=True)
 
     def _wait_for_arena(self: "VMU", s: Any, arena: "Arena", stream: Any) -> None:
         """Make copy stream `s` wait for the compute queued on the arena and for its last copy."""

@@ -8,6 +8,11 @@ Rules:
     the calling thread on that fence only, never on the whole device. Once a fence
     has been seen done it remembers it (`done`), so asking again, or making a stream
     wait on it, costs no call into the device.
+  - `wait()` on CUDA spins its thread until the event passes (the fewest microseconds
+    to wake); `sleep()` blocks it without keeping a CPU busy, for threads that wait in
+    the background (the kernel's copy waits): a fence recorded with `sleepable=True`
+    carries a second, blocking-sync event for it. A copy waited on by spinning burned
+    a whole CPU for its length, on the CPU its waiting thread was pinned to.
   - Events are reused: a fence hands its event back to its pool (a copy stream's
     timing events, or the backend's compute-fence events) when the last reference to
     the fence goes, so a copy records events it already has instead of creating (and
@@ -42,6 +47,8 @@ class Fence(Protocol):
 
     def wait(self) -> None: ...
 
+    def sleep(self) -> None: ...
+
 
 class Segment(Protocol):
     """What a copy stream needs of a VMU segment (segments.Segment)."""
@@ -58,7 +65,7 @@ class CopyStream(Protocol):
 
     def zero(self, dst: Segment, offset: int, nbytes: int) -> None: ...
 
-    def record(self) -> Fence: ...
+    def record(self, sleepable: bool = False) -> Fence: ...
 
 
 class _Done:
@@ -73,6 +80,8 @@ class _Done:
 
     def wait(self) -> None:
         return None
+
+    sleep = wait
 
 
 DONE: Fence = _Done()
@@ -98,6 +107,8 @@ class _CpuFence:
         self._event.wait()
         if self.error is not None:
             raise RuntimeError(f"a copy before this fence failed: {self.error!r}") from self.error
+
+    sleep = wait  # a threading.Event wait never spins
 
     def _signal(self, error: BaseException | None) -> None:
         self.time_s = time.perf_counter()
@@ -132,7 +143,7 @@ class _CpuStream:
     def zero(self, dst: Segment, offset: int, nbytes: int) -> None:
         self._tasks.put(lambda: dst.bytes_at(offset, nbytes).zero_())
 
-    def record(self) -> Fence:
+    def record(self, sleepable: bool = False) -> Fence:
         fence = _CpuFence()
         self._tasks.put(lambda: fence._signal(self._error))
         return fence
@@ -144,12 +155,15 @@ class _CpuStream:
 
 # --------------------------------------------------------------------- CUDA
 class _CudaFence:
-    __slots__ = ("event", "done", "_pool")
+    __slots__ = ("event", "done", "_pool", "_sleeper", "_sleepers")
 
-    def __init__(self, event: Any, pool: list[Any] | None = None) -> None:
+    def __init__(self, event: Any, pool: list[Any] | None = None, sleeper: Any = None,
+                 sleepers: list[Any] | None = None) -> None:
         self.event = event  # torch.cuda.Event (with timing enabled on a copy stream)
         self.done = False  # seen done once: the event has passed, for good
         self._pool = pool  # where the event goes back when this fence goes
+        self._sleeper = sleeper  # a blocking-sync event recorded right after `event`, or None
+        self._sleepers = sleepers  # where that one goes back
 
     def query(self) -> bool:
         if not self.done and self.event.query():
@@ -158,15 +172,23 @@ class _CudaFence:
 
     def wait(self) -> None:
         if not self.done:
-            self.event.synchronize()  # blocks this thread on this event only
+            self.event.synchronize()  # blocks this thread on this event only, spinning
+            self.done = True
+
+    def sleep(self) -> None:
+        if not self.done:
+            (self._sleeper or self.event).synchronize()  # the blocking one sleeps in the driver
             self.done = True
 
     def __del__(self) -> None:
-        # Nothing can wait on or time this event any more: work already queued behind it keeps the
-        # record it waited for (CUDA waits on the record made before the wait), so it may be recorded again.
+        # Nothing can wait on or time these events any more: work already queued behind them keeps the
+        # record it waited for (CUDA waits on the record made before the wait), so they may be recorded again.
         pool = self._pool
         if pool is not None and len(pool) < _EVENT_POOL_MAX:
             pool.append(self.event)
+        sleepers = self._sleepers
+        if self._sleeper is not None and sleepers is not None and len(sleepers) < _EVENT_POOL_MAX:
+            sleepers.append(self._sleeper)
 
 
 class _CudaStream:
@@ -179,6 +201,7 @@ class _CudaStream:
         self._driver = driver
         self._handle: int = self.stream.cuda_stream
         self._events: list[Any] = []  # timing events whose fences are gone, ready to record again
+        self._sleepers: list[Any] = []  # blocking-sync events likewise (see sleepable fences)
 
     def wait(self, fence: Fence) -> None:
         if isinstance(fence, _CudaFence) and not fence.done:
@@ -190,15 +213,20 @@ class _CudaStream:
     def zero(self, dst: Segment, offset: int, nbytes: int) -> None:
         self._driver.memset(dst.base_ptr + offset, nbytes, self._handle)
 
-    def record(self) -> Fence:
-        events = self._events
-        if events:
-            event = events.pop()  # recorded before, so torch has created its CUDA event
+    def record(self, sleepable: bool = False) -> Fence:
+        event = self._record(self._events, enable_timing=True)
+        if not sleepable:
+            return _CudaFence(event, self._events)
+        return _CudaFence(event, self._events, self._record(self._sleepers, blocking=True), self._sleepers)
+
+    def _record(self, pool: list[Any], **kind: bool) -> Any:
+        if pool:
+            event = pool.pop()  # recorded before, so torch has created its CUDA event
             self._driver.record(event.cuda_event, self._handle)
         else:
-            event = torch.cuda.Event(enable_timing=True)
+            event = torch.cuda.Event(**kind)
             event.record(self.stream)  # torch creates the CUDA event on its first record
-        return _CudaFence(event, events)
+        return event
 
     def close(self) -> None:
         pass

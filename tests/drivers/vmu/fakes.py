@@ -37,6 +37,8 @@ class Gate:
     def wait(self) -> None:
         self._event.wait(self._safety_s)
 
+    sleep = wait
+
     def open(self) -> None:
         self._event.set()
 

@@ -59,3 +59,22 @@ def test_the_pool_is_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-de
     for _ in range(5):
         _CudaFence(FakeEvent(), pool)
     assert len(pool) == 2
+
+
+def test_sleep_waits_on_the_blocking_event_and_both_go_back_to_their_pools() -> None:
+    events: list[object] = []
+    sleepers: list[object] = []
+    event, sleeper = FakeEvent(done_after=10), FakeEvent(done_after=10)
+    fence = _CudaFence(event, events, sleeper, sleepers)
+    fence.sleep()
+    fence.sleep()
+    assert (sleeper.syncs, event.syncs) == (1, 0) and fence.done and fence.query() and event.queries == 0
+    del fence
+    assert events == [event] and sleepers == [sleeper]
+
+
+def test_sleep_without_a_blocking_event_waits_on_the_fence_itself() -> None:
+    event = FakeEvent(done_after=10)
+    fence = _CudaFence(event)
+    fence.sleep()
+    assert event.syncs == 1 and fence.done

@@ -212,3 +212,32 @@ def test_a_failed_driver_call_is_a_driver_error_naming_the_cuda_error(cuda_vmu: 
     with pytest.raises(DriverError, match="cuMemcpyAsync failed: CUDA_ERROR_INVALID_VALUE"):
         s._driver.memcpy(0, 0, 4096, s._handle)  # address 0 is no memory
     cuda_vmu.finish(cuda_vmu.page_out(cuda_vmu.alloc_arena("t", MiB)))  # and the streams still work
+
+
+def test_a_copy_wait_in_the_background_sleeps_instead_of_spinning_a_cpu(cuda_vmu: VMU) -> None:
+    """A job's sleep() (what the kernel's helper threads call) blocks in the driver: while a long copy runs
+    behind a long compute, the waiting thread uses a small part of the CPU time a spinning wait would."""
+    import threading
+    import time
+
+    a = cuda_vmu.alloc_arena("s", 256 * MiB)
+    a.mark_used(256 * MiB)
+    x = a.view(torch.float32, (4096, 4096))
+    torch.cuda.synchronize()
+    for _ in range(100):  # tens to hundreds of milliseconds of GPU work the page-out must wait for
+        x = x @ x / 4096
+    job = cuda_vmu.page_out(a)
+    spent: list[float] = []
+
+    def background() -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        job.sleep()
+        spent.extend((time.perf_counter() - t0, time.thread_time() - c0))
+
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    wall, cpu = spent
+    assert job.done and wall > 0.02, f"the wait took {wall:.4f} s: too short to tell sleeping from spinning"
+    assert cpu < 0.25 * wall, f"the waiting thread used {cpu:.3f} s of CPU in {wall:.3f} s: it spun"
+    cuda_vmu.finish(job)
