@@ -7,7 +7,8 @@ Rules:
 - Native work is timed with `torch.cuda.synchronize()` before and after; djinnd is timed by wall
   clock at the client, from just before the request is sent to the decoded reply.
 - On CUDA the native work and djinnd's device worker run on the same CPU, the fastest one, djinnd's loop
-  and this process's client calls on the next two (bench/cpus.py; `--cpus off` leaves it to the scheduler).
+  and this process's client calls on the next two (bench/cpus.py; `--cpus off` leaves it to the scheduler);
+  torch then has one CPU thread on both sides.
 - Quick mode runs on the CPU with the `demo` model and short inputs; the full run expects CUDA.
 """
 
@@ -66,11 +67,19 @@ def make_setup(args: argparse.Namespace) -> Setup:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     dtype = args.dtype or ("float32" if device == "cpu" else
                            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    # The daemon keeps one core for its event loop; the baseline gets the same number of threads.
-    threads = max(1, (os.cpu_count() or 2) - 1)
-    if device == "cpu":
-        torch.set_num_threads(threads)
-    return Setup(device, dtype, threads, bool(args.quick), placement(getattr(args, "cpus", "off"), device))
+    cpus = placement(getattr(args, "cpus", "off"), device)
+    if cpus.on:
+        # Every thread of the run sits on one CPU of its own, and so would torch's CPU threads, which
+        # inherit it: more than one would only take turns there, and idle ones spin before they sleep,
+        # against the thread that started them (a client's CPU-side torch op then cost it milliseconds).
+        threads = 1
+        torch.set_num_threads(1)
+    else:
+        # The daemon keeps one core for its event loop; the baseline gets the same number of threads.
+        threads = max(1, (os.cpu_count() or 2) - 1)
+        if device == "cpu":
+            torch.set_num_threads(threads)
+    return Setup(device, dtype, threads, bool(args.quick), cpus)
 
 
 def daemon_flags(su: Setup, model: str, *, text: str = "2GiB", data: str = "2GiB", stack: str = "2GiB",

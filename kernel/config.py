@@ -185,7 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("decode_batch", _pos_int, 32, "most sessions of one model whose generate steps run as one batched "
             "decode pass when they arrive together; 1: every step runs alone"),
     Setting("cuda_streams", _pos_int, 4, "CUDA compute streams the sessions are spread over (each session's work on one)"),
-    Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop keeps"),
+    Setting("cpu_threads", int, 0, "torch CPU threads for model work; 0: all cores but one, which the event loop "
+            "keeps, or with worker_cpus one per worker CPU"),
     Setting("worker_cpus", parse_cpus, None, "CPUs the device worker thread may run on (Linux), e.g. 3 or 4-7; "
             "threads it starts (torch's CPU pool) inherit them. Unset: any CPU", "any"),
     Setting("loop_cpus", parse_cpus, None, "CPUs the event loop thread may run on (Linux), e.g. 2. Unset: any CPU",

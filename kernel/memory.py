@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,6 +57,15 @@ class Checkpoint:
     meta: Any  # the model driver's small per-session state
     nbytes: int
     created_s: float = field(default_factory=time.monotonic)
+
+
+def default_cpu_threads(worker_pinned: bool) -> int:
+    """torch's CPU threads when cpu_threads is 0, from the worker thread (which starts them, so they may run
+    where it may). Unpinned: every CPU the process may use but one, which the loop keeps, since it must
+    answer control syscalls within a millisecond. Pinned: one per CPU the worker has (more would only take
+    turns on them, and torch's idle threads spin before they sleep, against the worker itself)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return cpus if worker_pinned else max(1, cpus - 1)
 
 
 async def _wait_copy(job: Any) -> None:
@@ -166,14 +176,9 @@ class Memory:
         cfg = self.k.config
 
         def boot() -> tuple[Any, Any, Any, str]:
-            import os
-
             import torch
 
-            # The loop must answer control syscalls within a millisecond, so model work
-            # leaves it a core: on a CPU device torch gets all cores but one by default.
-            threads = cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cfg.cpu_threads or default_cpu_threads(cfg.worker_cpus is not None))
             device, name = resolve_device(cfg.device)
             vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
                                   host=cfg.vmu_host, session_arena=cfg.vmu_session_arena_mb << 20)

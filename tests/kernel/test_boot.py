@@ -167,3 +167,23 @@ def test_a_cpu_djinnd_may_not_use_exits_with_a_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "djinn.kernel.boot", "--socket", str(tmp_path / "s.sock"),
                           "--model", "none", "--worker-cpus", "4096"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "djinnd: setting worker_cpus: CPU(s) 4096 are not available" in out.stderr
+
+
+@requires_affinity
+def test_torch_threads_default_to_the_cpus_the_worker_may_use():
+    import threading
+
+    from djinn.kernel.memory import default_cpu_threads
+
+    mine = sorted(os.sched_getaffinity(0))
+    assert default_cpu_threads(worker_pinned=False) == max(1, len(mine) - 1)  # the loop keeps one
+    seen: list[int] = []
+
+    def pinned_worker() -> None:  # as the worker calls it: on its own thread, pinned to one CPU
+        os.sched_setaffinity(0, {mine[-1]})
+        seen.append(default_cpu_threads(worker_pinned=True))
+
+    t = threading.Thread(target=pinned_worker)
+    t.start()
+    t.join()
+    assert seen == [1]
