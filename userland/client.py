@@ -104,6 +104,8 @@ class Kernel:
 
     def submit(self, name: str, /, **args: Any) -> int:
         """Send a request without waiting; returns its id for `result(id)`."""
+        if self._closed:
+            raise _closed_error()
         rid = next(self._ids)
         parts = encode_request(rid, name, args)
         with self._lock:
@@ -115,18 +117,30 @@ class Kernel:
     def post(self, name: str, /, **args: Any) -> None:
         """Send a request and do not wait for its reply (fire and forget). Its reply, a result or an error,
         is dropped when whichever thread reads the socket next comes to it; nothing is raised for it."""
+        if self._closed:
+            raise _closed_error()
         parts = encode_request(next(self._ids), name, args)
         with self._send_lock:
             self._send(parts)
 
     def _send(self, parts: list[Any]) -> None:
         """Write one or more frames' parts. Holds _send_lock."""
-        if len(parts) == 1:
-            self._sock.sendall(parts[0])
-        elif sum(len(p) for p in parts) <= _SMALL_FRAME:
-            self._sock.sendall(b"".join(parts))
-        else:
-            send_frame(self._sock, parts)  # scatter-gather straight from the tensors' memory
+        try:
+            if len(parts) == 1:
+                self._sock.sendall(parts[0])
+            elif sum(len(p) for p in parts) <= _SMALL_FRAME:
+                self._sock.sendall(b"".join(parts))
+            else:
+                send_frame(self._sock, parts)  # scatter-gather straight from the tensors' memory
+        except ConnectionError as e:
+            raise self._gone(e) from e
+
+    def _gone(self, cause: OSError | None = None) -> ConnectionError:
+        """The daemon closed the connection (it stopped, or restarted): close this end too, so that the
+        default connection (`djinn.syscall`) opens a new one at its next call, and say so."""
+        self.close()
+        why = f" ({cause.strerror or cause})" if cause is not None else ""
+        return ConnectionError(f"djinnd closed the connection{why}; connect again once it is back")
 
     def _next_frame_for(self, rid: int) -> Any:
         """Block until a frame for request `rid` arrives; frames for other ids go to their inboxes.
@@ -191,14 +205,16 @@ class Kernel:
             if frame is not None:
                 return frame
             buffer = decoder.get_buffer()
-            n = self._poll_into(buffer) if self._busy_poll_s else -1
-            if n < 0:
-                # A payload is received straight into its buffer, and in one call: the
-                # view ends where the frame's payload does, so waiting for all of it is safe.
-                n = self._sock.recv_into(buffer, 0, _MSG_WAITALL if decoder.in_place else 0)
+            try:
+                n = self._poll_into(buffer) if self._busy_poll_s else -1
+                if n < 0:
+                    # A payload is received straight into its buffer, and in one call: the
+                    # view ends where the frame's payload does, so waiting for all of it is safe.
+                    n = self._sock.recv_into(buffer, 0, _MSG_WAITALL if decoder.in_place else 0)
+            except ConnectionError as e:
+                raise self._gone(e) from e
             if n == 0:
-                self._closed = True
-                raise ConnectionError("djinnd closed the connection")
+                raise self._gone()
             decoder.buffer_updated(n)
 
     def _poll_into(self, buffer: memoryview) -> int:
@@ -232,7 +248,10 @@ class Kernel:
                 self._inbox.pop(rid, None)
 
     def syscall(self, name: str, /, **args: Any) -> Any:
-        """Make one syscall and return its decoded result. Raises djinn.errors.* on failure."""
+        """Make one syscall and return its decoded result. Raises djinn.errors.* on failure, ConnectionError
+        when the connection is closed or the daemon goes away."""
+        if self._closed:
+            raise _closed_error()
         rid = next(self._ids)
         parts = encode_request(rid, name, args)
         with self._lock:
@@ -250,7 +269,10 @@ class Kernel:
         try:
             with self._send_lock:
                 if len(parts) == 1:  # _send's first case, inline: every small request
-                    self._sock.sendall(parts[0])
+                    try:
+                        self._sock.sendall(parts[0])
+                    except ConnectionError as e:
+                        raise self._gone(e) from e
                 else:
                     self._send(parts)
             while (frame := self._read_until(rid)).flags & FLAG_MORE:
@@ -320,6 +342,10 @@ class Kernel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _closed_error() -> ConnectionError:
+    return ConnectionError("this connection to djinnd is closed; open a new one with djinn.connect()")
 
 
 def connect(path: str | None = None, **kw: Any) -> Kernel:

@@ -302,6 +302,32 @@ def test_default_connection(djinnd, monkeypatch):
     client.default_kernel().close()
 
 
+def test_a_daemon_that_goes_away_is_a_connection_error_and_the_default_connection_reopens(monkeypatch):
+    import djinn.client as client
+
+    cfg = daemon_config(model="none")
+    monkeypatch.setenv("DJINN_SOCKET", cfg.socket)
+    monkeypatch.setattr(client, "_default", None)
+    first = LiveDaemon(cfg).start()
+    k = djinn.connect(cfg.socket)
+    try:
+        assert djinn.syscall("nop") == {} and k.syscall("nop") == {}
+    finally:
+        first.stop()
+    with pytest.raises(ConnectionError, match="djinnd closed the connection"):
+        djinn.syscall("nop")
+    with pytest.raises(ConnectionError, match="djinnd closed the connection"):
+        k.syscall("nop")
+    with pytest.raises(ConnectionError, match="this connection to djinnd is closed"):
+        k.syscall("nop")  # closed on this end too: a clear error, not a bad file descriptor
+    second = LiveDaemon(cfg).start()  # the daemon is back on the same socket
+    try:
+        assert djinn.syscall("nop") == {}  # the default connection opened a new one
+    finally:
+        client.default_kernel().close()
+        second.stop()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the child becomes another uid (setgid/setuid), which needs root")
 def test_other_uid_gets_eperm(djinnd):
     os.chmod(os.path.dirname(djinnd.path), 0o711)  # the socket is 0660: uid 12345 gets in through group 0
