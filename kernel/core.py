@@ -262,7 +262,7 @@ class Kernel:
             "memory": self.memory.snapshot(),
             "connections": len(self.connections),
             "checkpoints": self.memory.checkpoint_snapshot(),
-            "cpus": {"loop": _loop_cpus(), "worker": self.worker.cpus},
+            "cpus": {"loop": _loop_cpus(), "worker": self.worker.cpus, "torch_threads": self.memory.torch_threads},
             "worker": {"calls": self.worker.calls, "busy_s": self.worker.busy_s, "wait_s": self.worker.wait_s,
                        **(self.memory.streams.snapshot() if self.memory.streams is not None else {}),
                        "decode_batching": self.batcher.snapshot()},

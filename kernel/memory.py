@@ -155,6 +155,7 @@ class Memory:
         self.vmu: Any = None
         self.device: Any = None
         self.streams: Any = None  # drivers.cuda StreamPool: acquire/release here, call_on on the worker
+        self.torch_threads: int | None = None  # torch's CPU threads, as the worker set them at boot
         settings: dict[str, Any] = {}
         if cfg.policy in ("reactive", "proactive"):
             settings["idle_timeout_s"] = cfg.idle_timeout_s
@@ -175,16 +176,17 @@ class Memory:
 
         cfg = self.k.config
 
-        def boot() -> tuple[Any, Any, Any, str]:
+        def boot() -> tuple[Any, Any, Any, str, int]:
             import torch
 
-            torch.set_num_threads(cfg.cpu_threads or default_cpu_threads(cfg.worker_cpus is not None))
+            threads = cfg.cpu_threads or default_cpu_threads(cfg.worker_cpus is not None)
+            torch.set_num_threads(threads)
             device, name = resolve_device(cfg.device)
             vmu = VMU.from_config(device, text=cfg.vmu_text, data=cfg.vmu_data, stack=cfg.vmu_stack,
                                   host=cfg.vmu_host, session_arena=cfg.vmu_session_arena_mb << 20)
-            return device, vmu, StreamPool(device, cfg.cuda_streams), name
+            return device, vmu, StreamPool(device, cfg.cuda_streams), name, threads
 
-        self.device, self.vmu, self.streams, name = await self.k.worker.run(boot)
+        self.device, self.vmu, self.streams, name, self.torch_threads = await self.k.worker.run(boot)
         return name
 
     # -- arenas -------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_worker_and_loop_run_on_the_cpus_they_are_given_and_stat_says_which():
     d = LiveDaemon(daemon_config(worker_cpus=(cpu,), loop_cpus=(cpu,))).start()
     try:
         with djinn.connect(d.path) as k:
-            assert k.stat()["cpus"] == {"loop": [cpu], "worker": [cpu]}
+            assert k.stat()["cpus"] == {"loop": [cpu], "worker": [cpu], "torch_threads": 1}
             s = k.open_session(max_tokens=16)
             assert s.forward([1, 2, 3]).logits is not None  # the model runs on the pinned worker
     finally:

@@ -46,6 +46,7 @@ def test_stat_has_every_documented_field(kernel):
         s.close()
 
     assert not _missing(TOP_FIELDS, st)
+    assert not _missing({"loop", "worker", "torch_threads"}, st["cpus"]) and st["cpus"]["torch_threads"] >= 1
     assert st["version"] and st["protocol"] == 1 and st["pid"] == os.getpid()  # the test daemon runs in-process
     assert st["uptime_s"] > 0 and st["device"] == "cpu" and st["policy"] in ("proactive", "reactive", "none")
     assert st["connections"] >= 1
