@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from djinn.kernel import abi
 from djinn.kernel.codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, send_frame
@@ -132,15 +132,21 @@ class Kernel:
                 self._sock.sendall(b"".join(parts))
             else:
                 send_frame(self._sock, parts)  # scatter-gather straight from the tensors' memory
-        except ConnectionError as e:
-            raise self._gone(e) from e
+        except OSError as e:
+            self._lost(e)
 
-    def _gone(self, cause: OSError | None = None) -> ConnectionError:
-        """The daemon closed the connection (it stopped, or restarted): close this end too, so that the
-        default connection (`djinn.syscall`) opens a new one at its next call, and say so."""
+    def _lost(self, cause: OSError | None = None) -> NoReturn:
+        """Raise what a failed read or write means. The daemon closed the connection (it stopped, or
+        restarted): close this end too, so that the default connection (`djinn.syscall`) opens a new one
+        at its next call, and say so. This end was closed already (by another thread that saw the same):
+        say that. Any other OSError goes on as it is."""
+        if self._closed:
+            raise _closed_error() from cause
+        if cause is not None and not isinstance(cause, ConnectionError):
+            raise cause
         self.close()
         why = f" ({cause.strerror or cause})" if cause is not None else ""
-        return ConnectionError(f"djinnd closed the connection{why}; connect again once it is back")
+        raise ConnectionError(f"djinnd closed the connection{why}; connect again once it is back") from cause
 
     def _next_frame_for(self, rid: int) -> Any:
         """Block until a frame for request `rid` arrives; frames for other ids go to their inboxes.
@@ -211,10 +217,10 @@ class Kernel:
                     # A payload is received straight into its buffer, and in one call: the
                     # view ends where the frame's payload does, so waiting for all of it is safe.
                     n = self._sock.recv_into(buffer, 0, _MSG_WAITALL if decoder.in_place else 0)
-            except ConnectionError as e:
-                raise self._gone(e) from e
+            except OSError as e:
+                self._lost(e)
             if n == 0:
-                raise self._gone()
+                self._lost()
             decoder.buffer_updated(n)
 
     def _poll_into(self, buffer: memoryview) -> int:
@@ -271,8 +277,8 @@ class Kernel:
                 if len(parts) == 1:  # _send's first case, inline: every small request
                     try:
                         self._sock.sendall(parts[0])
-                    except ConnectionError as e:
-                        raise self._gone(e) from e
+                    except OSError as e:
+                        self._lost(e)
                 else:
                     self._send(parts)
             while (frame := self._read_until(rid)).flags & FLAG_MORE:
