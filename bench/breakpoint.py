@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -110,25 +110,40 @@ def _accuracy(b: _Bench, layer: int, trials: int, ref: torch.Tensor, ref_cont: l
             "logits_max_abs_diff": max_abs, "bitwise": max_abs == 0.0, "trials": trials}
 
 
-def _pause_timing(b: _Bench, layer: int, n: int) -> dict[str, list[float]]:
-    """n pairs, each an uninterrupted forward and a pause+resume back to back (which goes first alternates);
-    entry i of every list belongs to pair i."""
-    out: dict[str, list[float]] = {"uninterrupted": [], "pause_resume": [], "pause": [], "resume": []}
+def _pairs(n: int) -> Iterator[bool]:
+    """The sides of n back-to-back pairs, False the uninterrupted forward, True the pause+resume; which goes
+    first alternates from pair to pair."""
     for i in range(n):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            s = b.session()
-            if side == 0:
-                out["uninterrupted"].append(timed(lambda: s.forward(b.ids, return_logits="last"))[0])
-            else:
-                t0 = time.perf_counter()
-                s.forward(b.ids, pause_at=layer)
-                t1 = time.perf_counter()
-                s.resume(return_logits="last")
-                t2 = time.perf_counter()
-                out["pause"].append(t1 - t0)
-                out["resume"].append(t2 - t1)
-                out["pause_resume"].append(t2 - t0)
-            s.close()
+        yield from ((False, True) if i % 2 == 0 else (True, False))
+
+
+def _side(b: _Bench, s: Any, layer: int, paused: bool) -> tuple[float, float]:
+    """One side of a pair on session `s`: (seconds to the forward's reply, seconds of the resume after it;
+    0.0 for the uninterrupted forward)."""
+    t0 = time.perf_counter()
+    if not paused:
+        s.forward(b.ids, return_logits="last")
+        return time.perf_counter() - t0, 0.0
+    s.forward(b.ids, pause_at=layer)
+    t1 = time.perf_counter()
+    s.resume(return_logits="last")
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _pause_timing(b: _Bench, layer: int, n: int) -> dict[str, list[float]]:
+    """n pairs, each an uninterrupted forward and a pause+resume back to back; entry i of every list belongs
+    to pair i."""
+    out: dict[str, list[float]] = {"uninterrupted": [], "pause_resume": [], "pause": [], "resume": []}
+    for paused in _pairs(n):
+        s = b.session()
+        first, then = _side(b, s, layer, paused)
+        s.close()
+        if paused:
+            out["pause"].append(first)
+            out["resume"].append(then)
+            out["pause_resume"].append(first + then)
+        else:
+            out["uninterrupted"].append(first)
     return out
 
 
@@ -139,22 +154,15 @@ def _extra_split(b: _Bench, layer: int, n: int) -> dict[str, Any]:
     over the forward and resume syscalls) and the device worker's busy time; each extra is the median of the
     pairs' differences (pause+resume minus forward)."""
     parts: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-    for i in range(n):
-        for paused in ((False, True) if i % 2 == 0 else (True, False)):
-            s = b.session()
-            before = b.k.stat()
-            t0 = time.perf_counter()
-            if paused:
-                s.forward(b.ids, pause_at=layer)
-                s.resume(return_logits="last")
-            else:
-                s.forward(b.ids, return_logits="last")
-            client = time.perf_counter() - t0
-            after = b.k.stat()
-            s.close()
-            daemon = sum(after["syscalls"].get(c, {}).get("total_s", 0.0)
-                         - before["syscalls"].get(c, {}).get("total_s", 0.0) for c in ("forward", "resume"))
-            parts[paused].append((client, daemon, after["worker"]["busy_s"] - before["worker"]["busy_s"]))
+    for paused in _pairs(n):
+        s = b.session()
+        before = b.k.stat()
+        client = sum(_side(b, s, layer, paused))
+        after = b.k.stat()
+        s.close()
+        daemon = sum(after["syscalls"].get(c, {}).get("total_s", 0.0)
+                     - before["syscalls"].get(c, {}).get("total_s", 0.0) for c in ("forward", "resume"))
+        parts[paused].append((client, daemon, after["worker"]["busy_s"] - before["worker"]["busy_s"]))
     names = ("extra_client_ms", "extra_in_djinnd_ms", "extra_on_worker_ms")
     out: dict[str, Any] = {name: 1e3 * paired_median_diff([p[i] for p in parts[True]], [p[i] for p in parts[False]])
                            for i, name in enumerate(names)}
