@@ -7,7 +7,9 @@ Rules:
 - `buffer_updated` feeds the decoder and hands each whole frame to the
   dispatcher, which checks it there and then, in arrival order: a control
   syscall (plain handler) is answered at once, any other starts one task. It
-  never waits. The reply to a read's only request is written at once, before the
+  never waits. On Python 3.12 and later the task starts eagerly: it runs inside
+  this callback up to its first real wait, so a forward's device call is queued
+  before the read returns, not a turn of the loop later. The reply to a read's only request is written at once, before the
   bookkeeping; replies to the requests of a read that carries several leave
   together in one write. Too many tasks in flight pause reading (backpressure).
 - The device worker may write a forward/resume reply itself (`send_now`) when
@@ -33,6 +35,7 @@ import os
 import socket
 import stat as stat_mod
 import struct
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,17 @@ __all__ = ["Connection", "bind_unix_socket", "parse_tcp"]
 log = logging.getLogger("djinn.server")
 _conn_ids = itertools.count(1)
 _SEND_NOW_MAX_PARTS = 512  # os.writev's limit (IOV_MAX) is 1024 on Linux
+
+
+if sys.version_info >= (3, 12):
+    def _new_task(loop: asyncio.AbstractEventLoop, work: Any) -> asyncio.Task[None]:
+        """A task for `work` that runs at once, up to its first wait: it takes its session lock and queues
+        its device call inside the protocol callback. Requests keep their order: each one has run as far as
+        it can before the next frame is looked at."""
+        return asyncio.Task(work, loop=loop, eager_start=True)
+else:
+    def _new_task(loop: asyncio.AbstractEventLoop, work: Any) -> asyncio.Task[None]:
+        return loop.create_task(work)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -226,7 +240,9 @@ class Connection(asyncio.BufferedProtocol):
         work = dispatch_now(self.kernel, self, rid, name, args)  # checks it now; answers a control syscall
         if work is None:
             return
-        task = asyncio.get_running_loop().create_task(work)
+        task = _new_task(asyncio.get_running_loop(), work)
+        if task.done():  # answered without waiting (eager start): nothing to track
+            return
         self.tasks.add(task)
         task.add_done_callback(self._done)
         if len(self.tasks) >= self.kernel.limits.max_inflight and not self._reading_paused and self.transport:
