@@ -41,6 +41,20 @@ class Arch:
         self.max_positions: int = cfg.max_position_embeddings
         self.windows: list[int | None] = self._windows(cfg)
         self.lm_head: nn.Module = hf.lm_head
+        # Every position id the model takes, made once on its device: a forward's position ids are a slice
+        # of it, where a fresh arange would be a kernel launch per forward and resume.
+        device = next(hf.parameters()).device
+        self._positions = torch.arange(self.max_positions, device=device)
+        if device.type == "cuda":  # made on this stream; compute on any other stream reads it
+            torch.cuda.current_stream(device).synchronize()
+
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        """Position ids [1, n] for positions start .. start+n-1 (a view; never written to). Past the
+        model's positions (only the plans' meta-device runs of rounded-up shapes go there) a fresh arange."""
+        table = self._positions
+        if start + n <= table.shape[0]:
+            return table[start : start + n].unsqueeze(0)
+        return torch.arange(start, start + n, device=table.device).unsqueeze(0)
 
     @staticmethod
     def _windows(cfg: Any) -> list[int | None]:
@@ -56,7 +70,9 @@ class Arch:
     # -- per-family pieces (overridden) ---------------------------------------------------------
     layers: nn.ModuleList
 
-    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Input embeddings of `ids` [B, T] at `position_ids`; `start` (an int) when those are start ..
+        start+T-1, so a family with a learned position table may read it as a slice instead of a gather."""
         raise NotImplementedError
 
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
@@ -123,8 +139,13 @@ class GPT2Arch(Arch):
         tr = hf.transformer
         self.wte, self.wpe, self.drop, self.layers, self.ln_f = tr.wte, tr.wpe, tr.drop, tr.h, tr.ln_f
 
-    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.wte(ids) + self.wpe(position_ids))
+    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        if start is None or start + ids.shape[1] > self.wpe.num_embeddings:  # the latter: plans on meta
+            pos = self.wpe(position_ids)
+        else:  # the same rows, and so the same sum, without a gather kernel
+            pos = self.wpe.weight[start : start + ids.shape[1]]
+        hidden = self.wte(ids) + pos
+        return self.drop(hidden) if self.drop.training else hidden  # dropout is the identity at inference
 
     def run_layer(self, i, hidden, mask, cache, position_ids, ctx):
         return self.layers[i](hidden, past_key_values=cache, attention_mask=mask, position_ids=position_ids)
@@ -139,7 +160,7 @@ class LlamaArch(Arch):
         m = hf.model
         self.embed_tokens, self.layers, self.final_norm, self.rotary = m.embed_tokens, m.layers, m.norm, m.rotary_emb
 
-    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, position_ids: torch.Tensor, start: int | None = None) -> torch.Tensor:
         return self.embed_tokens(ids)
 
     def context(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:

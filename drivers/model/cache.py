@@ -126,8 +126,10 @@ class ArenaCache(Cache):
     def _set_kv(self, kv: torch.Tensor) -> None:
         # Per-layer K/V row views are taken once per arena view, not once per layer call:
         # on a launch-bound GPU each view op is CPU time the forward waits for.
+        # All 2 * n_layers of them from one unbind of a [n_layers * 2, max_tokens, H, D] view.
         if kv is not self.kv and kv is not self._rows_of:
-            self._rows = [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+            rows = kv.permute(1, 2, 0, 3, 4).flatten(0, 1).unbind(0)
+            self._rows = list(zip(rows[0::2], rows[1::2]))
             self._rows_of = kv
         self.kv = kv
 

@@ -60,7 +60,7 @@ def _span(arch: Arch, state: SeqState, hidden: torch.Tensor, first: int, last: i
     device = hidden.device
     views = state.views()
     if position_ids is None:
-        position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
+        position_ids = arch.positions(p, n)
     masks = arch.masks(p, n, device, hidden.dtype)
     ctx = arch.context(hidden, position_ids)
     state.cache.bind(views.kv, p, n)
@@ -113,8 +113,8 @@ def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, paus
         ids_t = ids.reshape(1, -1).to(device)
     else:
         ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-    position_ids = torch.arange(p, p + n, device=device).unsqueeze(0)
-    hidden = arch.embed(ids_t, position_ids)
+    position_ids = arch.positions(p, n)
+    hidden = arch.embed(ids_t, position_ids, p)
     last = arch.n_layers - 1 if pause_at is None else pause_at
     hidden = _span(arch, state, hidden, 0, last, position_ids)
     result = _finish(arch, state, hidden, pause_at, out)

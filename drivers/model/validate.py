@@ -41,8 +41,12 @@ def check_ids(input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> 
             if not allow_empty:
                 raise BadArgument("input_ids is empty; give at least one token")
             return ids_t
-        lo, hi = torch.aminmax(ids_t)
-        if int(lo) < 0 or int(hi) >= vocab_size:
+        if ids_t.is_cpu:  # numpy's min and max of a host array cost less than a torch op
+            arr = ids_t.numpy()
+            lo, hi = int(arr.min()), int(arr.max())
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(ids_t))
+        if lo < 0 or hi >= vocab_size:
             bad = [t for t in ids_t.tolist() if not 0 <= t < vocab_size]
             raise BadArgument(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         return ids_t
