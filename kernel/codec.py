@@ -515,7 +515,7 @@ class Decoder:
 
     __slots__ = (
         "_limits", "_alloc", "_staging", "_start", "_end", "_phase", "_flags", "_header_nbytes",
-        "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_error", "_cbor", "_cbor_in",
+        "_payload_nbytes", "_header", "_specs", "_target", "_target_pos", "_frames", "_died", "_cbor", "_cbor_in",
         "_staged_in", "_staged_cbor", "_value_cbor",
     )
 
@@ -546,7 +546,10 @@ class Decoder:
         self._target: memoryview | None = None  # header or payload buffer being received in place
         self._target_pos = 0
         self._frames: deque[Frame] = deque()
-        self._error: KernelError | None = None
+        # Why the decoder died, once it has: the message alone. Keeping the exception would keep its traceback,
+        # whose frames hold this decoder, a reference cycle around the staging buffer (a BytesIO export), which
+        # CPython 3.12.0 and 3.12.1 crash on when the cyclic collector clears it (CPython gh-111211).
+        self._died: str | None = None
         # One CBOR decoder per stream for the life of the Decoder: cheaper than one per header.
         self._staged_cbor = _header_decoder(self._staged_in, limits)
         # The value of a usual envelope (see _read_envelope), one container level below the header map.
@@ -557,7 +560,7 @@ class Decoder:
 
     @property
     def dead(self) -> bool:
-        return self._error is not None
+        return self._died is not None
 
     @property
     def in_place(self) -> bool:
@@ -567,7 +570,7 @@ class Decoder:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A non-empty writable view for the next bytes of the stream. Raises ProtocolError when dead."""
-        if self._error is not None:
+        if self._died is not None:
             self._check_alive()
         if self._target is not None:
             return self._target[self._target_pos :]
@@ -579,7 +582,7 @@ class Decoder:
         Raises ProtocolError on malformed input. An exception from `alloc_payload`
         propagates unchanged; in every case the decoder is dead afterwards.
         """
-        if self._error is not None:
+        if self._died is not None:
             self._check_alive()
         target = self._target
         if target is None:
@@ -600,10 +603,10 @@ class Decoder:
             else:
                 self._target_done()
         except ProtocolError as exc:
-            self._error = exc
+            self._died = exc.message
             raise
         except BaseException as exc:
-            self._error = ProtocolError(f"decoder stopped by {type(exc).__name__}: {exc}")
+            self._died = f"decoder stopped by {type(exc).__name__}: {exc}"
             raise
 
     def feed(self, data: Buffer) -> None:
@@ -621,18 +624,18 @@ class Decoder:
         """The peer closed. Raises ProtocolError (and dies) if that cut a frame short."""
         self._check_alive()
         if self._target is not None or self._end > self._start or self._phase != _PREFIX_PHASE:
-            self._error = ProtocolError("the connection closed in the middle of a frame")
-            raise self._error
+            self._died = "the connection closed in the middle of a frame"
+            raise ProtocolError(self._died)
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive. Raises ProtocolError when dead."""
-        if self._error is not None:
+        if self._died is not None:
             self._check_alive()
         return self._frames.popleft() if self._frames else None
 
     def _check_alive(self) -> None:
-        if self._error is not None:
-            raise ProtocolError(f"the decoder is dead after an earlier error: {self._error.message}")
+        if self._died is not None:
+            raise ProtocolError(f"the decoder is dead after an earlier error: {self._died}")
 
     def _parse_staged(self) -> None:
         # The hot path: a small frame usually arrives whole in one read. Such a frame

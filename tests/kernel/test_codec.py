@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import struct
@@ -602,6 +603,26 @@ def test_decoder_stays_dead() -> None:
     for call in (lambda: dec.feed(frame_bytes(REQ)), dec.next_frame, dec.get_buffer, dec.feed_eof, lambda: dec.buffer_updated(0)):
         with pytest.raises(ProtocolError, match="dead"):
             call()
+
+
+def test_a_dead_decoder_is_freed_without_the_cyclic_collector() -> None:
+    """A decoder that raised is in no reference cycle (its traceback would hold it): it goes as soon as the
+    last reference does. A cycle around its staging buffer, a BytesIO export, crashes CPython 3.12.0/3.12.1's
+    collector (gh-111211) and, on 3.11, makes it print an ignored BufferError."""
+    gc.collect()
+    gc.disable()
+    try:
+        for kill in (lambda d: d.feed(b"XXXX"), lambda d: (d.feed(frame_bytes(REQ)[:5]), d.feed_eof())):
+            others = {id(o) for o in gc.get_objects() if type(o) is Decoder}
+            dec = Decoder()
+            with pytest.raises(ProtocolError) as caught:
+                kill(dec)
+            del caught  # the test's own hold on the traceback
+            assert dec.dead
+            del dec  # freed by reference counting alone:
+            assert not [o for o in gc.get_objects() if type(o) is Decoder and id(o) not in others]
+    finally:
+        gc.enable()
 
 
 def test_protocol_error_is_eproto() -> None:
