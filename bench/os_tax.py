@@ -16,6 +16,10 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   logits in host memory; djinnd also writes the KV cache into the session arena.
 - driver: djinnd's own model code (layer-split forward, KV into an arena) run in this process, so
   djinnd / driver is the syscall path's share alone and driver / native the model driver's.
+- native after a sleep: the same plain native forward, each one started right after this thread slept
+  SLEEP_BEFORE_S (not timed). djinnd's device worker sleeps on its queue between requests, and on a VM a thread
+  that slept runs its next stretch of Python slower (its CPU idled meanwhile); this side measures what that alone
+  costs the native forward, in this run. The target's baseline stays the back-to-back native forward.
 - native under inference_mode: the same transformers forward under torch.inference_mode instead of no_grad.
   djinnd's driver runs under inference_mode, so `ratio_vs_native_inference_mode` compares like with like;
   the target's baseline stays the plain no_grad forward, as transformers' own generate() runs it.
@@ -52,6 +56,7 @@ from bench.common import Recorder, add_busy_poll_arg, daemon, progress
 __all__ = ["add_args", "run"]
 
 MICRO_NUMEL = 1024
+SLEEP_BEFORE_S = 0.001  # the "native after a sleep" side's pause before each forward
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +145,7 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
         (su.cpus.as_work, lambda: time_native(lambda: driver_last_logits(lm, arena, ids), dev)[0]),
         (su.cpus.as_client, lambda: _djinn_forward(k, name, ids)[0]),
         (su.cpus.as_work, lambda: time_native(lambda: hf_last_logits(hf, ids, dev, inference_mode=True), dev)[0]),
+        (su.cpus.as_work, lambda: _after_sleep(lambda: time_native(lambda: hf_last_logits(hf, ids, dev), dev)[0])),
     ]
     for _ in range(5):
         for place, side in sides:
@@ -149,7 +155,8 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     driver: list[float] = []
     djinn: list[float] = []
     native_im: list[float] = []
-    samples = (native, driver, djinn, native_im)
+    native_slept: list[float] = []
+    samples = (native, driver, djinn, native_im, native_slept)
     before = _daemon_counters(k)
     for r in progress(range(args.rounds), f"{label}: warm rounds"):
         for i in range(len(sides)):  # rotate which side goes first
@@ -168,6 +175,7 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
     lm.unload()
 
     n_s, d_s, v_s, im_s = stats_ms(native), stats_ms(djinn), stats_ms(driver), stats_ms(native_im)
+    sl_s = stats_ms(native_slept)
     cn, cd = stats_ms(cold_native), stats_ms(cold_djinn)
     common = dict(unit="ms", model=model_label, tokens=int(ids.numel()),
                   baseline="native transformers forward, same work", same_work_max_abs_logit_diff=same_work_diff,
@@ -183,15 +191,23 @@ def _workload(k: Any, su: Any, args: argparse.Namespace, rec: Recorder, rows: li
                native_mean_ms=n_s["mean_ms"], ratio_mean=d_s["mean_ms"] / n_s["mean_ms"],
                overhead_ms=d_s["p50_ms"] - n_s["p50_ms"], driver_inprocess_ms=v_s["p50_ms"],
                ratio_vs_driver_inprocess=d_s["p50_ms"] / v_s["p50_ms"], native_inference_mode_ms=im_s["p50_ms"],
-               ratio_vs_native_inference_mode=d_s["p50_ms"] / im_s["p50_ms"], n=len(djinn), **inside, **common)
+               ratio_vs_native_inference_mode=d_s["p50_ms"] / im_s["p50_ms"], native_after_sleep_ms=sl_s["p50_ms"],
+               ratio_vs_native_after_sleep=d_s["p50_ms"] / sl_s["p50_ms"], n=len(djinn), **inside, **common)
     rows.append([f"{label} (cold)", cn["p50_ms"], float("nan"), cd["p50_ms"], cd["p50_ms"] / cn["p50_ms"]])
     rows.append([f"{label} (warm)", n_s["p50_ms"], v_s["p50_ms"], d_s["p50_ms"], d_s["p50_ms"] / n_s["p50_ms"]])
     print(f"{label} (warm), means in ms: client {d_s['mean_ms']:.3f}, in djinnd {inside['daemon_forward_mean_ms']:.3f}, "
           f"device worker {inside['worker_per_forward_mean_ms']:.3f}, hand-off to the worker per call "
           f"{inside['worker_wait_per_call_mean_ms']:.3f} (in-process driver p50 {v_s['p50_ms']:.3f}, "
-          f"native under inference_mode p50 {im_s['p50_ms']:.3f})")
+          f"native under inference_mode p50 {im_s['p50_ms']:.3f}, native after a {SLEEP_BEFORE_S * 1e3:g} ms sleep "
+          f"p50 {sl_s['p50_ms']:.3f})")
     if bare is not None:
         rows.append(["  one bare block, native", bare, float("nan"), float("nan"), float("nan")])
+
+
+def _after_sleep(timed_side: Callable[[], float]) -> float:
+    """`timed_side()`'s time, the calling thread having slept SLEEP_BEFORE_S first (untimed)."""
+    time.sleep(SLEEP_BEFORE_S)
+    return timed_side()
 
 
 class _Counters(NamedTuple):
