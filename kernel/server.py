@@ -9,9 +9,10 @@ Rules:
   syscall (plain handler) is answered at once, any other starts one task. It
   never waits. On Python 3.12 and later the task starts eagerly: it runs inside
   this callback up to its first real wait, so a forward's device call is queued
-  before the read returns, not a turn of the loop later. The reply to a read's only request is written at once, before the
-  bookkeeping; replies to the requests of a read that carries several leave
-  together in one write. Too many tasks in flight pause reading (backpressure).
+  before the read returns, not a turn of the loop later. The reply to a read's
+  only request is written at once, before the bookkeeping; replies to the
+  requests of a read that carries several leave together in one write. Too many
+  tasks in flight pause reading (backpressure).
 - The device worker may write a forward/resume reply itself (`send_now`) when
   nothing is queued on the connection: writes from both threads take the
   connection's lock, the worker's go through a dup of the socket, and bytes the
