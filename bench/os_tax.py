@@ -15,7 +15,11 @@ Definitions (every ratio is djinnd / native, both measured in this run on the sa
   `logits_to_keep=1`. Both sides start from token ids in host memory and end with float32 last-token
   logits in host memory; djinnd also writes the KV cache into the session arena.
 - driver: djinnd's own model code (layer-split forward, KV into an arena) run in this process, so
-  djinnd / driver is the syscall path's share alone and driver / native the model driver's.
+  djinnd / driver is the syscall path's share alone and driver / native the model driver's. On CUDA the
+  driver, in djinnd and in this process alike, replays a fresh sequence's forward as a prefill plan (a
+  CUDA graph captured the second time its shape comes, drivers/model/prefill.py); transformers runs it
+  eagerly. Every warm forward here is such a repeat, so the warm djinnd / native ratio includes that plan;
+  djinnd / driver does not.
 - native after a sleep: the same plain native forward, each one started right after this thread slept
   SLEEP_BEFORE_S (not timed). djinnd's device worker sleeps on its queue between requests, and on a VM a thread
   that slept runs its next stretch of Python slower (its CPU idled meanwhile); this side measures what that alone

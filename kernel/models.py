@@ -37,7 +37,8 @@ class Loaded:
                 "params": int(m.n_params), "text_nbytes": int(m.text_nbytes), "sessions": self.sessions,
                 "layers": int(m.n_layers), "hidden_size": int(m.hidden_size), "vocab_size": int(m.vocab_size),
                 "max_positions": self.max_positions, "kv_nbytes_per_token": int(m.bytes_per_token),
-                "tokenizer": m.tokenizer is not None, "batched_decode": m.batch_stat()}
+                "tokenizer": m.tokenizer is not None, "batched_decode": m.batch_stat(),
+                "prefill_graphs": m.prefill_stat()}
 
 
 class ModelRegistry:

@@ -48,7 +48,7 @@ _REPLIES: dict[str, str] = {
     "free_arena": '{freed: true}',
     "page_out": '{residency: "host", nbytes, seconds}',
     "page_in": '{residency: "device", nbytes, seconds}',
-    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer, batched_decode{steps, sequences, graphs, captures, replays}}',
+    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer, batched_decode{steps, sequences, graphs, captures, replays}, prefill_graphs{plans, captures, replays}}',
     "unload_model": '{unloaded: name}',
     "models": '{models: [model maps as load_model returns], default}',
     "forward": '{position, paused_at, logits?, topk?{ids, logits}, activation?}',

@@ -24,6 +24,7 @@ from .batch import BatchDecoder
 from .cache import ArenaLayout
 from .graphs import StaticDecoder
 from .plans import CUDA_BLOCK_NBYTES, Plan, PlanCache, measure_on_meta
+from .prefill import PrefillGraphs
 from .runner import Outputs, StepResult, run_forward, run_resume
 from .sampling import make_generator, sample
 from .state import SeqState
@@ -139,6 +140,7 @@ class LoadedModel:
         self._meta_factory = meta_factory
         self._meta_arch: Any = None
         self._batcher: BatchDecoder | None = None  # made at the first batched decode step
+        self._prefills = PrefillGraphs(self.arch, self.layout, device) if device.type == "cuda" else None
         round_to = CUDA_BLOCK_NBYTES if device.type == "cuda" else 1
         self._plans = PlanCache(
             lambda op, n, past: measure_on_meta(self._meta(), self.layout, self.fingerprint, op, n, past, round_to),
@@ -160,7 +162,12 @@ class LoadedModel:
             "bytes_per_token": self.bytes_per_token, "loaded": self._text is not None,
             "plans": self._plans.stat(),
             "batched_decode": self.batch_stat(),
+            "prefill_graphs": self.prefill_stat(),
         }
+
+    def prefill_stat(self) -> dict[str, int]:
+        """The prefill plan figures (PrefillGraphs.stat); zeros where there are none (CPU)."""
+        return self._prefills.stat() if self._prefills is not None else PrefillGraphs.idle_stat()
 
     def batch_stat(self) -> dict[str, int]:
         """The batched decode figures (BatchDecoder.stat); zeros before the first batched step."""
@@ -208,7 +215,7 @@ class LoadedModel:
         with torch.inference_mode():
             if len(all_ids) == 1 and pause is None and out.activation == "none" and self.decode_mode != "dynamic":
                 return self._static_step(state, int(all_ids[0]), out)
-            return run_forward(self.arch, state, all_ids, pause, out)
+            return run_forward(self.arch, state, all_ids, pause, out, self._prefill_plans())
 
     def resume(
         self, state: SeqState, activation: torch.Tensor | None = None, *, pause_at: int | None = None,
@@ -223,7 +230,7 @@ class LoadedModel:
         pause = check_pause(pause_at, self.n_layers, after=state.paused_at)
         out = check_outputs(return_logits, return_activation, self.vocab_size)
         with torch.inference_mode():
-            return run_resume(self.arch, state, act, pause, out)
+            return run_resume(self.arch, state, act, pause, out, self._prefill_plans())
 
     # -- generation -------------------------------------------------------------------------------
     def generate(
@@ -276,6 +283,11 @@ class LoadedModel:
                     out.append(exc)
             return out
 
+    def _prefill_plans(self) -> PrefillGraphs | None:
+        """The prefill plans a forward over a fresh sequence may replay: on CUDA with graphs on (decode_mode
+        "graph", the default there); None runs every prefill eagerly."""
+        return self._prefills if self._decode_mode == "graph" else None
+
     def _batch_decoder(self) -> BatchDecoder:
         """The model's one BatchDecoder, made at first use, remade when the decode mode changed."""
         batcher = self._batcher
@@ -293,7 +305,7 @@ class LoadedModel:
 
     def _prefill(self, state: SeqState, ids: list[int] | torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            logits = run_forward(self.arch, state, ids, None, Outputs()).logits
+            logits = run_forward(self.arch, state, ids, None, Outputs(), self._prefill_plans()).logits
         assert logits is not None
         return logits
 
@@ -345,6 +357,8 @@ class LoadedModel:
         if self._batcher is not None:
             self._batcher.close()
             self._batcher = None
+        if self._prefills is not None:
+            self._prefills.close()
         self.arch = None  # type: ignore[assignment]
         self._meta_arch = None
         if self.device.type == "cuda":

@@ -14,11 +14,15 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .arch import Arch
 from .state import SeqState
+
+if TYPE_CHECKING:
+    from .prefill import PrefillGraphs, PrefillPlan
 
 __all__ = ["StepResult", "Outputs", "run_forward", "run_resume"]
 
@@ -103,36 +107,64 @@ def _finish(arch: Arch, state: SeqState, hidden: torch.Tensor, pause_at: int | N
 
 
 def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, pause_at: int | None,
-                out: Outputs) -> StepResult:
+                out: Outputs, prefill: PrefillGraphs | None = None) -> StepResult:
     """A forward over `ids` (already validated, unfed tokens included; a list, or a 1-D int64 tensor)
-    from the state's position."""
+    from the state's position. `prefill`: the model's prefill plans (CUDA), which a fresh sequence's
+    layers may replay instead of running eagerly (prefill.py)."""
     p, n = state.position, len(ids)
     device = state.device
-    state.views(refresh=True)
+    views = state.views(refresh=True)
     if isinstance(ids, torch.Tensor):
         ids_t = ids.reshape(1, -1).to(device)
     else:
         ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-    position_ids = arch.positions(p, n)
-    hidden = arch.embed(ids_t, position_ids, p)
     last = arch.n_layers - 1 if pause_at is None else pause_at
-    hidden = _span(arch, state, hidden, 0, last, position_ids)
-    result = _finish(arch, state, hidden, pause_at, out)
+    plan = _plan(prefill, state, n, 0, last)
+    if plan is not None:
+        result = _replayed(plan, arch, state, views.kv, ids_t, pause_at, out)
+    else:
+        position_ids = arch.positions(p, n)
+        hidden = arch.embed(ids_t, position_ids, p)
+        hidden = _span(arch, state, hidden, 0, last, position_ids)
+        result = _finish(arch, state, hidden, pause_at, out)
     state.unfed_ids = []  # they were the first tokens of `ids`
     return result
 
 
 def run_resume(
-    arch: Arch, state: SeqState, activation: torch.Tensor | None, pause_at: int | None, out: Outputs
+    arch: Arch, state: SeqState, activation: torch.Tensor | None, pause_at: int | None, out: Outputs,
+    prefill: PrefillGraphs | None = None,
 ) -> StepResult:
     """Continue a paused forward from layer paused_at+1 (activation already validated to [pending, hidden])."""
     assert state.paused_at is not None
     p, n, resumed_from = state.position, state.pending, state.paused_at
-    slot = state.views(refresh=True).act[p : p + n]
+    views = state.views(refresh=True)
+    slot = views.act[p : p + n]
     if activation is not None:
         slot.copy_(activation)
-    hidden = slot.clone(memory_format=torch.contiguous_format).unsqueeze(0)
     last = arch.n_layers - 1 if pause_at is None else pause_at
+    plan = _plan(prefill, state, n, resumed_from + 1, last) if last > resumed_from else None
+    if plan is not None:
+        return _replayed(plan, arch, state, views.kv, slot, pause_at, out)
+    hidden = slot.clone(memory_format=torch.contiguous_format).unsqueeze(0)
     if last > resumed_from:
         hidden = _span(arch, state, hidden, resumed_from + 1, last)
     return _finish(arch, state, hidden, pause_at, out)
+
+
+def _plan(prefill: PrefillGraphs | None, state: SeqState, n: int, first: int, last: int) -> PrefillPlan | None:
+    """The prefill plan for layers first..last of `n` tokens, when the state qualifies: at position 0 (no
+    past keys) and without steering."""
+    if prefill is None or state.position != 0 or state.has_steering:
+        return None
+    return prefill.plan(n, first, last)
+
+
+def _replayed(plan: PrefillPlan, arch: Arch, state: SeqState, kv: torch.Tensor, source: torch.Tensor,
+              pause_at: int | None, out: Outputs) -> StepResult:
+    """`plan` replayed from `source` (token ids, or the activation to resume from), then finished as the
+    eager path finishes; the plan's buffers are free again once the finish has read them."""
+    try:
+        return _finish(arch, state, plan.run(kv, source), pause_at, out)
+    finally:
+        plan.release()

@@ -100,6 +100,10 @@ class SeqState:
     def steering(self) -> Mapping[int, Steer]:
         return dict(self._steering)
 
+    @property
+    def has_steering(self) -> bool:
+        return bool(self._steering)
+
     def set_steering(self, layer: int, op: str, value: float | torch.Tensor | list[float]) -> None:
         """Apply `op` with `value` (a scalar or a [hidden] vector) to layer `layer`'s output on every
         forward, resume and decode step until cleared. Raises BadArgument on a bad layer, op or value."""

@@ -88,6 +88,7 @@ def test_stat_has_every_documented_field(kernel):
                                                     "largest", "fallbacks"}
     demo = next(m for m in st["models"] if m["name"] == "demo")
     assert set(demo["batched_decode"]) == {"steps", "sequences", "graphs", "captures", "replays"}
+    assert demo["prefill_graphs"] == {"plans": 0, "captures": 0, "replays": 0}  # CPU: no prefill plans
 
 
 def test_stat_is_plain_as_its_reply_trusts(djinnd, kernel):

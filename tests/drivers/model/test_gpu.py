@@ -99,6 +99,75 @@ def test_graphs_with_steering_and_on_a_side_stream(long_dirs):
     assert ta == tb and b.static.captures == 1
 
 
+def _kv_rows(state, n: int) -> torch.Tensor:
+    return state.views().kv[:n].clone()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prefill_graphs_are_bitwise_the_eager_prefill(long_dirs, kind, dtype):
+    """A fresh sequence's forward is captured the second time its shape comes, then replayed for other
+    sessions (other arenas): logits and arena K/V bitwise those of the eager path, pauses included."""
+    eager = load_model(str(long_dirs[kind]), device="cuda", dtype=dtype)
+    graph = load_model(str(long_dirs[kind]), device="cuda", dtype=dtype)
+    eager.decode_mode = "dynamic"
+    ref_state = _state(eager, 64)
+    ref = eager.forward(ref_state, PROMPT, return_logits="all").logits
+    n = len(PROMPT)
+    for i in range(3):
+        s = _state(graph, 64)
+        got = graph.forward(s, PROMPT, return_logits="all").logits
+        assert torch.equal(got, ref), f"forward {i}"
+        assert torch.equal(_kv_rows(s, n), _kv_rows(ref_state, n)), f"forward {i}"
+        assert s.position == n
+    stat = graph.stat()["prefill_graphs"]
+    assert stat["captures"] == 1 and stat["replays"] == 2 and stat["plans"] == 1
+    for layer in (0, 1):
+        for i in range(3):  # pause and resume: plans (0..layer) and (layer+1..last)
+            s = _state(graph, 64)
+            act = graph.forward(s, PROMPT, pause_at=layer, return_activation="all").activation
+            got = graph.resume(s, return_logits="all").logits
+            assert torch.equal(got, ref), f"layer {layer}, pair {i}"
+            assert torch.equal(_kv_rows(s, n), _kv_rows(ref_state, n))
+            e = _state(eager, 64)
+            assert torch.equal(act, eager.forward(e, PROMPT, pause_at=layer, return_activation="all").activation)
+    # A replacement activation goes through the resume plan too.
+    s, e = _state(graph, 64), _state(eager, 64)
+    act = graph.forward(s, PROMPT, pause_at=0, return_activation="all").activation
+    eager.forward(e, PROMPT, pause_at=0)
+    assert torch.equal(graph.resume(s, act * 0.9).logits, eager.resume(e, act * 0.9).logits)
+    # Steered states and states past position 0 run eagerly: no new plan, no replay.
+    before = graph.stat()["prefill_graphs"]
+    s = _state(graph, 64)
+    s.set_steering(0, "scale", 0.9)
+    graph.forward(s, PROMPT)
+    t = _state(graph, 64)
+    graph.forward(t, PROMPT[:4])
+    graph.forward(t, PROMPT[4:])
+    after = graph.stat()["prefill_graphs"]
+    assert after["replays"] == before["replays"] and after["captures"] == before["captures"]
+
+
+def test_prefill_plans_shared_by_sessions_on_two_streams(long_dirs):
+    """Replays of one plan for two sessions on two streams, queued back to back, each get their own result."""
+    eager = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+    graph = load_model(str(long_dirs["llama"]), device="cuda", dtype="float32")
+    eager.decode_mode = "dynamic"
+    other = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    want = {tuple(p): eager.forward(_state(eager, 64), p).logits for p in (PROMPT, other)}
+    for _ in range(2):
+        graph.forward(_state(graph, 64), PROMPT)  # the second one captures
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    got = []
+    for _ in range(4):
+        for stream, prompt in zip(streams, (PROMPT, other)):
+            with torch.cuda.stream(stream):
+                got.append((prompt, graph.forward(_state(graph, 64), prompt).logits))
+    torch.cuda.synchronize()
+    for prompt, logits in got:
+        assert torch.equal(logits, want[tuple(prompt)])
+
+
 @pytest.mark.parametrize("steered", [False, True])
 @pytest.mark.parametrize("home", ["free", "reused", "taken"])
 def test_graphs_survive_vmu_paging(long_dirs, home, steered):

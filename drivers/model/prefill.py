@@ -1,0 +1,177 @@
+"""Prefill plans on CUDA: a fresh sequence's layers run as a captured CUDA graph, replayed for any session.
+
+A prefill step is launch-bound: each layer is tens of small kernels, each paid for in CPU time. A plan
+for one (tokens, first layer, last layer) captures those layers once and replays them in one launch.
+
+Rules:
+- Only a sequence at position 0 without steering qualifies: it attends over its own fresh K/V alone, so
+  the layers read nothing of the arena and the graph needs no session's address. The graph writes its
+  K/V into a staging buffer of its own, and a single copy after each replay moves the rows of the layers
+  it ran into the session's arena: a graph serves every session and every arena, wherever it lies.
+- The same kernels run replayed as eagerly, on the same inputs: a replay's K/V, activations and logits
+  are bitwise those of the eager path (a GPU test checks it, pauses included).
+- A key is captured the second time it is asked for, never the first: a shape seen once costs no capture.
+  At most MAX_GRAPHS plans are kept, least recently used dropped first, and a step whose staging would
+  pass MAX_STAGING_NBYTES runs eagerly.
+- A plan's buffers (its inputs, its staging K/V, its output and its graph's memory pool) are shared by
+  every session. A replay waits, on the caller's stream, for the last user of the plan to be done with
+  them (`release()` records that), so sessions on different streams never overlap on them.
+- This memory lives outside the VMU's segments, like the decode graphs': at most MAX_GRAPHS plans of at
+  most MAX_STAGING_NBYTES of staging each, plus their activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .arch import Arch
+from .cache import ArenaCache, ArenaLayout
+from .graphs import capture_graph
+from .runner import _span
+
+__all__ = ["PrefillGraphs", "PrefillPlan"]
+
+log = logging.getLogger("djinn.model")
+
+MAX_GRAPHS = 4  # plans kept per model
+MAX_STAGING_NBYTES = 64 << 20  # a larger prefill (tokens x K/V bytes per token) runs eagerly
+MAX_SEEN = 256  # keys remembered as seen once; forgotten all at once past this
+
+
+@dataclass(slots=True)
+class _Staging:
+    """What `runner._span` needs of a state, over the plan's own staging K/V: position 0, no steering."""
+
+    kv: torch.Tensor  # [tokens, n_layers, 2, n_kv_heads, head_dim]
+    cache: ArenaCache
+    position: int = 0
+
+    def views(self) -> "_Staging":
+        return self
+
+    def apply_steering(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class PrefillPlan:
+    """One captured (tokens, first, last): `run()` replays it for a state; `release()` once its output is read."""
+
+    def __init__(self, arch: Arch, layout: ArenaLayout, device: torch.device, n: int, first: int, last: int) -> None:
+        self.n, self.first, self.last = n, first, last
+        self._arch, self._layout, self._device = arch, layout, device
+        self._graph: Any = None
+        self._input: torch.Tensor | None = None  # token ids [1, n] (first layer 0), else layer first-1's output
+        self._staging: _Staging | None = None
+        self._output: torch.Tensor | None = None
+        self._done: Any = None  # CUDA event: the last user has read the output and the staging
+
+    def _buffers(self) -> tuple[torch.Tensor, _Staging]:
+        """Fresh input and staging buffers, not initialised (no kernel: made inside the capture, a fill
+        would be part of every replay)."""
+        lo, dev, n = self._layout, self._device, self.n
+        if self.first == 0:
+            inp = torch.empty(1, n, dtype=torch.long, device=dev)
+        else:
+            inp = torch.empty(1, n, lo.hidden, dtype=lo.dtype, device=dev)
+        kv = torch.empty(n, lo.n_layers, 2, lo.n_kv_heads, lo.head_dim, dtype=lo.dtype, device=dev)
+        return inp, _Staging(kv, ArenaCache(lo.n_layers))
+
+    def _layers(self, inp: torch.Tensor, staging: _Staging) -> torch.Tensor:
+        """The plan's work, eagerly: embed (from layer 0) and layers first..last over `staging`."""
+        arch, n = self._arch, self.n
+        positions = arch.positions(0, n)
+        hidden = arch.embed(inp, positions, 0) if self.first == 0 else inp
+        return _span(arch, staging, hidden, self.first, self.last, positions)  # type: ignore[arg-type]
+
+    def capture(self) -> None:
+        """Warm up once on the current stream with buffers of its own, then capture with the plan's, which
+        are made inside the capture so that they live in the graph's memory pool, not a request's."""
+        warm_in, warm_staging = self._buffers()
+        if self.first == 0:
+            warm_in.zero_()  # token ids the embedding accepts
+        self._layers(warm_in, warm_staging)
+        del warm_in, warm_staging
+
+        def body() -> torch.Tensor:
+            self._input, self._staging = self._buffers()
+            return self._layers(self._input, self._staging)
+
+        self._graph, self._output = capture_graph(body, None)
+
+    def run(self, kv: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Replay for a state at position 0 whose arena K/V view is `kv` ([max_tokens, n_layers, 2, H, D]);
+        `source` is the token ids [1, n] (first layer 0) or the activation [n, hidden] to resume from.
+        Writes the layers' K/V rows into `kv` and returns the last layer's output [1, n, hidden], a buffer
+        of the plan's: read it, then `release()`."""
+        assert self._input is not None and self._staging is not None and self._output is not None
+        if self._done is not None:
+            torch.cuda.current_stream(self._device).wait_event(self._done)
+        self._input.copy_(source.view(self._input.shape))
+        self._graph.replay()
+        layers = slice(self.first, self.last + 1)
+        kv[: self.n, layers].copy_(self._staging.kv[:, layers])
+        return self._output
+
+    def release(self) -> None:
+        """The caller's stream is done with the output and the staging once what it queued so far has run."""
+        if self._done is None:
+            self._done = torch.cuda.Event()
+        self._done.record(torch.cuda.current_stream(self._device))
+
+
+class PrefillGraphs:
+    """A model's prefill plans (see the module rules). Used on the device worker thread only."""
+
+    def __init__(self, arch: Arch, layout: ArenaLayout, device: torch.device) -> None:
+        self.arch, self.layout, self.device = arch, layout, device
+        self._plans: OrderedDict[tuple[int, int, int], PrefillPlan] = OrderedDict()
+        self._seen: set[tuple[int, int, int]] = set()
+        self.captures = self.replays = 0
+
+    def plan(self, n: int, first: int, last: int) -> PrefillPlan | None:
+        """The plan for `n` fresh tokens through layers first..last, captured now if this is the second time
+        it is asked for; None when it runs eagerly this time (first time, or too large)."""
+        if n * self.layout.kv_bytes_per_token > MAX_STAGING_NBYTES:
+            return None
+        key = (n, first, last)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            self.replays += 1
+            return plan
+        if key not in self._seen:
+            if len(self._seen) >= MAX_SEEN:
+                self._seen.clear()
+            self._seen.add(key)
+            return None
+        self._seen.discard(key)
+        plan = PrefillPlan(self.arch, self.layout, self.device, n, first, last)
+        try:
+            plan.capture()
+        except torch.cuda.OutOfMemoryError:  # no room for the plan's memory: this one runs eagerly
+            log.warning("no device memory to capture a prefill plan of %d tokens (layers %d..%d); "
+                        "it runs eagerly", n, first, last)
+            return None
+        self.captures += 1
+        self.replays += 1
+        self._plans[key] = plan
+        if len(self._plans) > MAX_GRAPHS:
+            self._plans.popitem(last=False)
+        return plan
+
+    def close(self) -> None:
+        self._plans.clear()
+        self._seen.clear()
+
+    def stat(self) -> dict[str, int]:
+        """plans: captured (tokens, first, last) held; captures, replays: since the model was loaded."""
+        return {"plans": len(self._plans), "captures": self.captures, "replays": self.replays}
+
+    @staticmethod
+    def idle_stat() -> dict[str, int]:
+        return {"plans": 0, "captures": 0, "replays": 0}
