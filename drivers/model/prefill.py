@@ -123,6 +123,11 @@ class PrefillPlan:
             self._done = torch.cuda.Event()
         self._done.record(torch.cuda.current_stream(self._device))
 
+    def finish(self) -> None:
+        """Wait until the last user is done: the plan's graph and memory may then go."""
+        if self._done is not None:
+            self._done.synchronize()
+
 
 class PrefillGraphs:
     """A model's prefill plans (see the module rules). Used on the device worker thread only."""
@@ -161,10 +166,12 @@ class PrefillGraphs:
         self.replays += 1
         self._plans[key] = plan
         if len(self._plans) > MAX_GRAPHS:
-            self._plans.popitem(last=False)
+            self._plans.popitem(last=False)[1].finish()
         return plan
 
     def close(self) -> None:
+        for plan in self._plans.values():
+            plan.finish()
         self._plans.clear()
         self._seen.clear()
 

@@ -16,6 +16,7 @@ class _Plan:
     """Stands in for PrefillPlan: records its captures (no CUDA here)."""
 
     made: list[tuple[int, int, int]] = []
+    finished: list[tuple[int, int, int]] = []
     fail_with: type[BaseException] | None = None
 
     def __init__(self, arch, layout, device, n, first, last) -> None:
@@ -26,11 +27,14 @@ class _Plan:
             raise _Plan.fail_with("out of memory")
         _Plan.made.append(self.key)
 
+    def finish(self) -> None:
+        _Plan.finished.append(self.key)
+
 
 @pytest.fixture
 def graphs(monkeypatch: pytest.MonkeyPatch) -> prefill.PrefillGraphs:
     monkeypatch.setattr(prefill, "PrefillPlan", _Plan)
-    _Plan.made, _Plan.fail_with = [], None
+    _Plan.made, _Plan.finished, _Plan.fail_with = [], [], None
     return prefill.PrefillGraphs(arch=None, layout=LAYOUT, device=torch.device("cpu"))  # type: ignore[arg-type]
 
 
@@ -52,9 +56,12 @@ def test_the_least_recently_used_plan_goes_first(graphs):
     graphs.plan(*keys[-1])
     graphs.plan(*keys[-1])  # one too many: the oldest unused one, keys[1], goes
     assert graphs.stat()["plans"] == prefill.MAX_GRAPHS
+    assert _Plan.finished == [keys[1]]  # waited for before it went
     before = len(_Plan.made)
     assert graphs.plan(*keys[0]) is not None and len(_Plan.made) == before  # kept
     assert graphs.plan(*keys[1]) is None  # dropped: seen anew
+    graphs.close()
+    assert sorted(_Plan.finished) == sorted([keys[1], *[k for k in keys if k != keys[1]]])
 
 
 def test_a_prefill_past_the_staging_limit_always_runs_eagerly(graphs):
