@@ -15,7 +15,8 @@ Rules:
   pass MAX_STAGING_NBYTES runs eagerly.
 - A plan's buffers (its inputs, its staging K/V, its output and its graph's memory pool) are shared by
   every session. A replay waits, on the caller's stream, for the last user of the plan to be done with
-  them (`release()` records that), so sessions on different streams never overlap on them.
+  them (`release()` records that), so sessions on different streams never overlap on them; a plan
+  dropped or closed waits for that too before its graph and memory go.
 - This memory lives outside the VMU's segments, like the decode graphs': at most MAX_GRAPHS plans of at
   most MAX_STAGING_NBYTES of staging each, plus their activations.
 """
