@@ -9,6 +9,8 @@ Rules:
   pause slot, the returned activation).
 - Resume runs from a contiguous copy of the activation slot, so pause/resume is bitwise identical to an
   uninterrupted forward (same ops, same inputs).
+- On CUDA the layers of a fresh sequence (position 0, no steering) may come from a prefill plan, a
+  captured replay of these same layers (prefill.py); the finish runs here either way.
 """
 
 from __future__ import annotations
