@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from djinn.drivers.errors import BadArgument
 from djinn.drivers.model.cache import ArenaCache
 from djinn.drivers.model.validate import check_ids
-from djinn.drivers.errors import BadArgument
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
