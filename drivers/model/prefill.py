@@ -33,7 +33,7 @@ import torch
 from .arch import Arch
 from .cache import ArenaCache, ArenaLayout
 from .graphs import capture_graph
-from .runner import _span
+from .runner import run_layers
 
 __all__ = ["PrefillGraphs", "PrefillPlan"]
 
@@ -46,7 +46,7 @@ MAX_SEEN = 256  # keys remembered as seen once; forgotten all at once past this
 
 @dataclass(slots=True)
 class _Staging:
-    """What `runner._span` needs of a state, over the plan's own staging K/V: position 0, no steering."""
+    """What `runner.run_layers` needs of a state, over the plan's own staging K/V: position 0, no steering."""
 
     kv: torch.Tensor  # [tokens, n_layers, 2, n_kv_heads, head_dim]
     cache: ArenaCache
@@ -82,25 +82,18 @@ class PrefillPlan:
         kv = torch.empty(n, lo.n_layers, 2, lo.n_kv_heads, lo.head_dim, dtype=lo.dtype, device=dev)
         return inp, _Staging(kv, ArenaCache(lo.n_layers))
 
-    def _layers(self, inp: torch.Tensor, staging: _Staging) -> torch.Tensor:
-        """The plan's work, eagerly: embed (from layer 0) and layers first..last over `staging`."""
-        arch, n = self._arch, self.n
-        positions = arch.positions(0, n)
-        hidden = arch.embed(inp, positions, 0) if self.first == 0 else inp
-        return _span(arch, staging, hidden, self.first, self.last, positions)  # type: ignore[arg-type]
-
     def capture(self) -> None:
         """Warm up once on the current stream with buffers of its own, then capture with the plan's, which
         are made inside the capture so that they live in the graph's memory pool, not a request's."""
         warm_in, warm_staging = self._buffers()
         if self.first == 0:
             warm_in.zero_()  # token ids the embedding accepts
-        self._layers(warm_in, warm_staging)
+        run_layers(self._arch, warm_staging, warm_in, self.first, self.last)  # type: ignore[arg-type]
         del warm_in, warm_staging
 
         def body() -> torch.Tensor:
             self._input, self._staging = self._buffers()
-            return self._layers(self._input, self._staging)
+            return run_layers(self._arch, self._staging, self._input, self.first, self.last)  # type: ignore[arg-type]
 
         self._graph, self._output = capture_graph(body, None)
 

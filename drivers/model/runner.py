@@ -26,7 +26,7 @@ from .state import SeqState
 if TYPE_CHECKING:
     from .prefill import PrefillGraphs, PrefillPlan
 
-__all__ = ["StepResult", "Outputs", "run_forward", "run_resume"]
+__all__ = ["StepResult", "Outputs", "run_forward", "run_layers", "run_resume"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +58,14 @@ class Outputs:
     activation: str = "none"
 
 
-def _span(arch: Arch, state: SeqState, hidden: torch.Tensor, first: int, last: int,
-          position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Run layers first..last (inclusive) for the in-flight tokens; K/V go to rows [position, +n).
-    `position_ids` ([1, n]: position .. position+n-1) when the caller has them already."""
-    p, n = state.position, hidden.shape[1]
-    device = hidden.device
+def run_layers(arch: Arch, state: SeqState, source: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Run layers first..last (inclusive) for the in-flight tokens, from `source`: token ids [1, n] when
+    `first` is 0 (embedded here), else layer first-1's output [1, n, hidden]. K/V go to rows [position, +n)."""
+    p, n = state.position, source.shape[1]
+    position_ids = arch.positions(p, n)
+    hidden = arch.embed(source, position_ids, p) if first == 0 else source
     views = state.views()
-    if position_ids is None:
-        position_ids = arch.positions(p, n)
-    masks = arch.masks(p, n, device, hidden.dtype)
+    masks = arch.masks(p, n, hidden.device, hidden.dtype)
     ctx = arch.context(hidden, position_ids)
     state.cache.bind(views.kv, p, n)
     try:
@@ -113,8 +111,7 @@ def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, paus
     """A forward over `ids` (already validated, unfed tokens included; a list, or a 1-D int64 tensor)
     from the state's position. `prefill`: the model's prefill plans (CUDA), which a fresh sequence's
     layers may replay instead of running eagerly (prefill.py)."""
-    p, n = state.position, len(ids)
-    device = state.device
+    n, device = len(ids), state.device
     views = state.views(refresh=True)
     if isinstance(ids, torch.Tensor):
         ids_t = ids.reshape(1, -1).to(device)
@@ -125,10 +122,7 @@ def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, paus
     if plan is not None:
         result = _replayed(plan, arch, state, views.kv, ids_t, pause_at, out)
     else:
-        position_ids = arch.positions(p, n)
-        hidden = arch.embed(ids_t, position_ids, p)
-        hidden = _span(arch, state, hidden, 0, last, position_ids)
-        result = _finish(arch, state, hidden, pause_at, out)
+        result = _finish(arch, state, run_layers(arch, state, ids_t, 0, last), pause_at, out)
     state.unfed_ids = []  # they were the first tokens of `ids`
     return result
 
@@ -150,7 +144,7 @@ def run_resume(
         return _replayed(plan, arch, state, views.kv, slot, pause_at, out)
     hidden = slot.clone(memory_format=torch.contiguous_format).unsqueeze(0)
     if last > resumed_from:
-        hidden = _span(arch, state, hidden, resumed_from + 1, last)
+        hidden = run_layers(arch, state, hidden, resumed_from + 1, last)
     return _finish(arch, state, hidden, pause_at, out)
 
 
