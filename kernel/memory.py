@@ -187,6 +187,7 @@ class Memory:
             return device, vmu, StreamPool(device, cfg.cuda_streams), name, threads
 
         self.device, self.vmu, self.streams, name, self.torch_threads = await self.k.worker.run(boot)
+        self.k.worker.after_call = self.vmu.stack.settle  # a request's peak is read after its reply
         return name
 
     # -- arenas -------------------------------------------------------------------

@@ -55,6 +55,10 @@ class DeviceWorker:
     outcome back with one `call_soon_threadsafe`. That is the whole path: no executor,
     work item or chained future in between, since every device syscall pays for it twice
     (one hand-off out, one back).
+
+    `after_call`, when set, runs on the thread after each call, once its outcome is handed back:
+    bookkeeping that must come before the next call but need not delay the caller (the Stack's
+    statistics read). An exception it raises is logged.
     """
 
     def __init__(self, name: str = "djinn-device-0", cpus: tuple[int, ...] | None = None) -> None:
@@ -65,6 +69,7 @@ class DeviceWorker:
         self.busy_s = 0.0  # written by the worker thread only; read by stat
         self.wait_s = 0.0  # summed time calls waited from submission to start (hand-off and queueing); likewise
         self.calls = 0
+        self.after_call: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         if cpus is not None:  # pinned from here, so that a CPU it may not use fails the caller (Linux only)
@@ -100,6 +105,7 @@ class DeviceWorker:
                 self.busy_s += now() - t0
                 self.wait_s += t0 - submitted
                 self.calls += 1
+                self._after()
                 continue
             if future.cancelled():  # its request was cancelled while it waited: never started, like an executor's
                 continue
@@ -112,6 +118,15 @@ class DeviceWorker:
             self.wait_s += t0 - submitted
             self.calls += 1
             self._deliver(loop, setter, future, outcome)
+            self._after()
+
+    def _after(self) -> None:
+        after = self.after_call
+        if after is not None:
+            try:
+                after()
+            except BaseException:  # noqa: BLE001 - bookkeeping must not end the worker
+                log.exception("device worker: after_call %s failed", getattr(after, "__qualname__", after))
 
     @staticmethod
     def _deliver(loop: Any, setter: Callable[[asyncio.Future[Any], Any], None], future: asyncio.Future[Any],

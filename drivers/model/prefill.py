@@ -14,9 +14,13 @@ Rules:
   At most MAX_GRAPHS plans are kept, least recently used dropped first, and a step whose staging would
   pass MAX_STAGING_NBYTES runs eagerly.
 - A plan's buffers (its inputs, its staging K/V, its output and its graph's memory pool) are shared by
-  every session. A replay waits, on the caller's stream, for the last user of the plan to be done with
-  them (`release()` records that), so sessions on different streams never overlap on them; a plan
-  dropped or closed waits for that too before its graph and memory go.
+  every session. `release()` notes the stream of the plan's last user, whose reads of them are queued
+  there. A replay on that same stream needs nothing more: the stream runs in order. A replay on another
+  stream first waits, on its own, for what the last user's stream has queued so far (an event recorded
+  there and then), so sessions on different streams never overlap on the buffers. That wait may also
+  cover work queued on the other stream after the last user's: only a switch of streams pays for it, and
+  a plan used from one stream records and waits for no event at all. A plan dropped or closed waits for
+  its last user's stream before its graph and memory go.
 - This memory lives outside the VMU's segments, like the decode graphs': at most MAX_GRAPHS plans of at
   most MAX_STAGING_NBYTES of staging each, plus their activations.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..cuda import to_device
 from .arch import Arch
 from .cache import ArenaCache, ArenaLayout
 from .graphs import capture_graph
@@ -69,7 +74,8 @@ class PrefillPlan:
         self._input: torch.Tensor | None = None  # token ids [1, n] (first layer 0), else layer first-1's output
         self._staging: _Staging | None = None
         self._output: torch.Tensor | None = None
-        self._done: Any = None  # CUDA event: the last user has read the output and the staging
+        self._user: Any = None  # the stream of the last user, whose reads of the buffers are queued there
+        self._user_id: Any = None  # its id (torch's current-stream triple)
 
     def _buffers(self) -> tuple[torch.Tensor, _Staging]:
         """Fresh input and staging buffers, not initialised (no kernel: made inside the capture, a fill
@@ -99,28 +105,41 @@ class PrefillPlan:
 
     def run(self, kv: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Replay for a state at position 0 whose arena K/V view is `kv` ([max_tokens, n_layers, 2, H, D]);
-        `source` is the token ids [1, n] (first layer 0) or the activation [n, hidden] to resume from.
+        `source` is the token ids (first layer 0; [n] or [1, n], on the host or the device) or the activation
+        [n, hidden] to resume from.
         Writes the layers' K/V rows into `kv` and returns the last layer's output [1, n, hidden], a buffer
         of the plan's: read it, then `release()`."""
         assert self._input is not None and self._staging is not None and self._output is not None
-        if self._done is not None:
-            torch.cuda.current_stream(self._device).wait_event(self._done)
-        self._input.copy_(source.view(self._input.shape))
+        if self._user_id is not None and self._user_id != _current_stream_id(self._device):
+            last_user_done = torch.cuda.Event()
+            last_user_done.record(self._user)
+            torch.cuda.current_stream(self._device).wait_event(last_user_done)
+        to_device(source.reshape(self._input.shape), self._device, out=self._input)
         self._graph.replay()
         layers = slice(self.first, self.last + 1)
         kv[: self.n, layers].copy_(self._staging.kv[:, layers])
         return self._output
 
     def release(self) -> None:
-        """The caller's stream is done with the output and the staging once what it queued so far has run."""
-        if self._done is None:
-            self._done = torch.cuda.Event()
-        self._done.record(torch.cuda.current_stream(self._device))
+        """The caller has queued its reads of the output and the staging, on its current stream."""
+        stream_id = _current_stream_id(self._device)
+        if stream_id != self._user_id:
+            self._user, self._user_id = torch.cuda.current_stream(self._device), stream_id
 
     def finish(self) -> None:
-        """Wait until the last user is done: the plan's graph and memory may then go."""
-        if self._done is not None:
-            self._done.synchronize()
+        """Wait until the last user's stream has run its reads: the plan's graph and memory may then go."""
+        if self._user is not None:
+            self._user.synchronize()
+
+
+def _current_stream_id(device: torch.device) -> Any:
+    """The current stream of `device` as a plain, comparable id, without making a Stream object."""
+    if _GET_STREAM is None:  # pragma: no cover - a torch without the C entry point
+        return torch.cuda.current_stream(device).cuda_stream
+    return _GET_STREAM(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
 
 
 class PrefillGraphs:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..cuda import to_device
 from .arch import Arch
 from .state import SeqState
 
@@ -111,18 +112,18 @@ def run_forward(arch: Arch, state: SeqState, ids: list[int] | torch.Tensor, paus
     """A forward over `ids` (already validated, unfed tokens included; a list, or a 1-D int64 tensor)
     from the state's position. `prefill`: the model's prefill plans (CUDA), which a fresh sequence's
     layers may replay instead of running eagerly (prefill.py)."""
-    n, device = len(ids), state.device
+    n = len(ids)
     views = state.views(refresh=True)
     if isinstance(ids, torch.Tensor):
-        ids_t = ids.reshape(1, -1).to(device)
-    else:
-        ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+        ids_t = ids.reshape(1, n)
+    else:  # made on the host for CUDA, which uploads them without waiting (cuda.to_device)
+        ids_t = torch.tensor([ids], dtype=torch.long, device="cpu" if state.device.type == "cuda" else state.device)
     last = arch.n_layers - 1 if pause_at is None else pause_at
     plan = _plan(prefill, state, n, 0, last)
-    if plan is not None:
+    if plan is not None:  # it uploads the ids into its own input
         result = _replayed(plan, arch, state, views.kv, ids_t, pause_at, out)
     else:
-        result = _finish(arch, state, run_layers(arch, state, ids_t, 0, last), pause_at, out)
+        result = _finish(arch, state, run_layers(arch, state, to_device(ids_t, state.device), 0, last), pause_at, out)
     state.unfed_ids = []  # they were the first tokens of `ids`
     return result
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..cuda import to_device
 from ..errors import BadArgument
 from .runner import Outputs
 
@@ -101,7 +102,7 @@ def check_activation(
         activation = activation.unsqueeze(0)
     elif shape != [pending, hidden]:
         raise BadArgument(f"activation shape must be [{pending}, {hidden}] (or [1, {pending}, {hidden}]), got {shape}")
-    return activation.to(device)
+    return to_device(activation, device)  # off the wire: staged, not a wait for the device
 
 
 def check_sampling(temperature: Any, top_p: Any, seed: Any, max_new_tokens: Any, stop_ids: Any, vocab_size: int

@@ -89,7 +89,7 @@ class Arena:
     def _used_by_compute(self) -> None:
         vmu = self._vmu
         if vmu.is_cuda:
-            self._stream = torch.cuda.current_stream(vmu.device)
+            self._stream = vmu.current_stream()
         if self._in_fence is not None:
             vmu.backend.compute_wait(self._in_fence, self._stream)
             self._in_fence = None

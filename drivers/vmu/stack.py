@@ -16,8 +16,11 @@ Rules:
     The calls go to torch's C entry points, resolved once: the public wrappers
     find the device index in Python on every call, and torch.cuda.memory_allocated()
     flattens and sorts every statistic. Reading the statistics builds them all
-    as Python dicts, the most expensive of these calls: once per request, after
-    the reply.
+    as Python dicts, the most expensive of these calls, so the scope does not read
+    them as it ends: `settle()` does, which the device worker calls once it has
+    handed the request's outcome back (the event loop is already on its way), and
+    which the next scope calls first. Until then the scope's peak and the figures
+    of `stat()` are the previous request's.
   - On CPU torch keeps no allocation statistics: the scope is accounting only. The
     caller reports bytes (`reserve_nbytes` or `reserve()`, the plan's figure, and
     `account()`/`release()`); the peak is the largest of the reserve and the
@@ -45,7 +48,8 @@ __all__ = ["StackSegment", "StackScope"]
 
 @dataclass(slots=True)
 class StackScope:
-    """One request's stack usage. `peak_nbytes` is final once the scope has exited."""
+    """One request's stack usage. `peak_nbytes` is final once the scope has exited (CPU), or once the segment
+    has settled it (CUDA: `StackSegment.settle()`)."""
 
     reserve_nbytes: int = 0
     current_nbytes: int = 0  # CPU accounting: the running total of account() - release()
@@ -108,6 +112,7 @@ class StackSegment:
         self._cuda = _CudaAllocatorCalls(device, self.pool) if self.pool is not None else None
         self.lock = lock  # guards the figures below
         self.active: StackScope | None = None  # worker only
+        self._unsettled: StackScope | None = None  # worker only: a CUDA scope ended, its peak not read yet
         self.last_peak_nbytes = 0
         self.max_peak_nbytes = 0
         self.requests = 0
@@ -115,33 +120,49 @@ class StackSegment:
 
     @contextmanager
     def scope(self, reserve_nbytes: int = 0) -> Iterator[StackScope]:
-        """Run one request's activations in the stack; records its peak bytes on exit."""
+        """Run one request's activations in the stack. Its peak bytes are recorded on exit on CPU, and by
+        `settle()` on CUDA."""
         if self.active is not None:
             raise Busy("stack_scope() is already active on this device: one request at a time, scopes do not nest")
+        self.settle()
         scope = StackScope(reserve_nbytes=reserve_nbytes, peak_nbytes=reserve_nbytes)
         self.active = scope
-        try:
-            cuda = self._cuda
-            if cuda is not None:
-                cuda.reset_peak()
-                cuda.begin()
-                try:
-                    yield scope
-                finally:
-                    cuda.end()
-                    cuda.release()
-                    counters = cuda.allocated_bytes()
-                    scope.peak_nbytes = max(scope.peak_nbytes, counters["peak"] - counters["current"])
-            else:
+        cuda = self._cuda
+        if cuda is None:
+            try:
                 yield scope
+            finally:
+                self.active = None
+                self._record(scope)
+            return
+        cuda.reset_peak()
+        cuda.begin()
+        try:
+            yield scope
         finally:
+            cuda.end()
+            cuda.release()
             self.active = None
-            with self.lock:
-                self.requests += 1
-                self.last_peak_nbytes = scope.peak_nbytes
-                self.max_peak_nbytes = max(self.max_peak_nbytes, scope.peak_nbytes)
-                if scope.peak_nbytes > self.capacity_nbytes:
-                    self.over_budget += 1
+            self._unsettled = scope
+
+    def settle(self) -> None:
+        """Read the peak of the last CUDA scope, if not read yet, into it and the figures. On the worker,
+        between scopes; a no-op on CPU and once the segment is closed."""
+        scope, cuda = self._unsettled, self._cuda
+        if scope is None or cuda is None:
+            return
+        self._unsettled = None
+        counters = cuda.allocated_bytes()
+        scope.peak_nbytes = max(scope.peak_nbytes, counters["peak"] - counters["current"])
+        self._record(scope)
+
+    def _record(self, scope: StackScope) -> None:
+        with self.lock:
+            self.requests += 1
+            self.last_peak_nbytes = scope.peak_nbytes
+            self.max_peak_nbytes = max(self.max_peak_nbytes, scope.peak_nbytes)
+            if scope.peak_nbytes > self.capacity_nbytes:
+                self.over_budget += 1
 
     def close(self) -> None:
         """Give the MemPool back now, on the calling thread (the worker), with no scope open. Left to the
@@ -150,6 +171,7 @@ class StackSegment:
         by aborting the process. Idempotent; the segment measures nothing after."""
         if self.active is not None:
             raise Busy("the stack segment cannot close while a request's scope is open")
+        self.settle()
         self._cuda = None
         self.pool = None  # the last reference: the pool's destructor runs here
 

@@ -75,6 +75,7 @@ class VMU(PagingMixin):
             raise BadArgument(f"VMU device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
         self.device = dev
         self.is_cuda = dev.type == "cuda"
+        self._streams_by_id: dict[Any, Any] = {}  # worker only: current_stream()'s Stream objects
         free = device_free_nbytes(dev)
         host_free = host_available_nbytes()
         text, data, stack = (resolve_size(s, available_nbytes=free) for s in (text_nbytes, data_nbytes, stack_nbytes))
@@ -216,6 +217,20 @@ class VMU(PagingMixin):
             # Compute on the moved arena waits for the copy, whichever stream it runs on (a view or touch()).
             arena._fence, arena._in_fence, arena._touched = moved, moved, True
         return arena
+
+    def current_stream(self) -> Any:
+        """CUDA: the device's current stream (on the calling thread), the same object each time for a stream:
+        `torch.cuda.current_stream` builds a new one in Python on every call. None on CPU."""
+        if not self.is_cuda:
+            return None
+        get = getattr(torch._C, "_cuda_getCurrentStream", None)
+        if get is None:  # pragma: no cover - a torch without the C entry point
+            return torch.cuda.current_stream(self.device)
+        stream_id = get(self.device.index)
+        stream = self._streams_by_id.get(stream_id)
+        if stream is None:
+            stream = self._streams_by_id[stream_id] = torch.cuda.current_stream(self.device)
+        return stream
 
     # -------------------------------------------------------------- stack
     def stack_scope(self, reserve_nbytes: int = 0) -> AbstractContextManager[StackScope]:

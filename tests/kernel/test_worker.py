@@ -30,6 +30,36 @@ async def test_runs_in_order_on_one_thread_off_the_loop(worker):
     assert len({t for _, t in seen}) == 1 and seen[0][1] != loop_thread
 
 
+async def test_after_call_runs_after_each_call_once_its_outcome_is_handed_back(worker, caplog):
+    """The hook runs on the worker between calls, after the call's outcome is on its way to the loop; one that
+    fails is logged and the worker carries on."""
+    events: list[str] = []
+    handed_back = threading.Event()
+
+    def after() -> None:
+        if len(events) < 6:  # the three run() calls: wait until the awaiting task has its outcome
+            assert handed_back.wait(5)
+            handed_back.clear()
+        events.append("after")
+
+    worker.after_call = after
+    for i in range(3):
+        assert await worker.run(lambda i=i: events.append(f"call {i}") or i) == i
+        handed_back.set()
+    worker.post(lambda: events.append("posted"))
+    await worker.run(lambda: None)  # behind the posted call and its hook
+    assert events[:6] == ["call 0", "after", "call 1", "after", "call 2", "after"]
+    assert events[6:8] == ["posted", "after"]
+
+    def broken() -> None:
+        raise RuntimeError("hook bug")
+
+    worker.after_call = broken
+    assert await worker.run(lambda: 1) == 1
+    assert await worker.run(lambda: 2) == 2  # the worker carries on
+    assert "after_call" in caplog.text
+
+
 def _raise(exc: BaseException):
     def fn():
         raise exc

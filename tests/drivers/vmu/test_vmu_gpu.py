@@ -83,8 +83,23 @@ def test_stack_scope_measures_peak(cuda_vmu: VMU) -> None:
     with cuda_vmu.stack_scope() as scope:
         t = torch.empty(32 * MiB, dtype=torch.uint8, device="cuda")
         del t
+    assert scope.peak_nbytes == 0 and cuda_vmu.stat()["stack"]["requests"] == 0  # not read at the exit
+    cuda_vmu.stack.settle()  # the device worker's call once the reply has gone
     assert scope.peak_nbytes >= 32 * MiB
     assert cuda_vmu.stat()["stack"]["requests"] == 1
+    cuda_vmu.stack.settle()  # read once
+    assert cuda_vmu.stat()["stack"]["requests"] == 1
+
+
+def test_the_next_stack_scope_settles_the_last_one_first(cuda_vmu: VMU) -> None:
+    with cuda_vmu.stack_scope() as first:
+        torch.empty(16 * MiB, dtype=torch.uint8, device="cuda")
+    with cuda_vmu.stack_scope() as second:  # its peak reset comes after the first one's read
+        assert first.peak_nbytes >= 16 * MiB
+        torch.empty(1 * MiB, dtype=torch.uint8, device="cuda")
+    cuda_vmu.stack.settle()
+    assert 1 * MiB <= second.peak_nbytes < 16 * MiB
+    assert cuda_vmu.stat()["stack"]["requests"] == 2
 
 
 def test_closing_gives_the_stack_pool_back_while_another_pool_is_being_allocated_into() -> None:
@@ -101,6 +116,7 @@ def test_closing_gives_the_stack_pool_back_while_another_pool_is_being_allocated
         with b.stack_scope() as scope:
             t = torch.empty(4 * MiB, dtype=torch.uint8, device="cuda")
             del t
+        b.stack.settle()
         assert scope.peak_nbytes >= 4 * MiB
     finally:
         a.close()
@@ -114,10 +130,12 @@ def test_stack_scope_counts_only_its_own_transient_bytes(cuda_vmu: VMU) -> None:
         transient = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
         kept = torch.empty(2 * MiB, dtype=torch.uint8, device="cuda")
         del transient
+    cuda_vmu.stack.settle()
     assert 8 * MiB <= scope.peak_nbytes < 16 * MiB
     del outside, kept
     with cuda_vmu.stack_scope() as scope:  # the memory freed meanwhile does not count either
         torch.empty(1 * MiB, dtype=torch.uint8, device="cuda")
+    cuda_vmu.stack.settle()
     assert 1 * MiB <= scope.peak_nbytes < 8 * MiB
 
 
@@ -241,3 +259,16 @@ def test_a_copy_wait_in_the_background_sleeps_instead_of_spinning_a_cpu(cuda_vmu
     assert job.done and wall > 0.02, f"the wait took {wall:.4f} s: too short to tell sleeping from spinning"
     assert cpu < 0.25 * wall, f"the waiting thread used {cpu:.3f} s of CPU in {wall:.3f} s: it spun"
     cuda_vmu.finish(job)
+
+
+def test_current_stream_is_torch_s_current_stream_one_object_per_stream(cuda_vmu: VMU) -> None:
+    side = torch.cuda.Stream()
+    main = cuda_vmu.current_stream()
+    assert main == torch.cuda.current_stream() and cuda_vmu.current_stream() is main
+    with torch.cuda.stream(side):
+        assert cuda_vmu.current_stream() == side and cuda_vmu.current_stream() is cuda_vmu.current_stream()
+        arena = cuda_vmu.alloc_arena("s-stream", 1 * MiB)
+        arena.touch()
+        assert arena.compute_stream == side  # where a page-out of this arena will wait
+    assert cuda_vmu.current_stream() is main
+    cuda_vmu.free_arena(arena)
