@@ -27,9 +27,20 @@ import torch
 
 from ..errors import BadArgument
 
-__all__ = ["StreamPool"]
+__all__ = ["StreamPool", "current_stream_id"]
 
 T = TypeVar("T")
+
+_GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
+
+
+def current_stream_id(device: torch.device) -> Any:
+    """The current stream of CUDA `device` on this thread as a plain, comparable id (torch's triple of
+    stream id, device index and device type), without building a Stream object in Python."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _GET_STREAM is None:  # pragma: no cover - a torch without the C entry point
+        return torch.cuda.current_stream(index).cuda_stream
+    return _GET_STREAM(index)
 
 
 class StreamPool:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..cuda import to_device
+from ..cuda import current_stream_id, to_device
 from .arch import Arch
 from .cache import ArenaCache, ArenaLayout
 from .graphs import capture_graph
@@ -110,7 +110,7 @@ class PrefillPlan:
         Writes the layers' K/V rows into `kv` and returns the last layer's output [1, n, hidden], a buffer
         of the plan's: read it, then `release()`."""
         assert self._input is not None and self._staging is not None and self._output is not None
-        if self._user_id is not None and self._user_id != _current_stream_id(self._device):
+        if self._user_id is not None and self._user_id != current_stream_id(self._device):
             last_user_done = torch.cuda.Event()
             last_user_done.record(self._user)
             torch.cuda.current_stream(self._device).wait_event(last_user_done)
@@ -122,7 +122,7 @@ class PrefillPlan:
 
     def release(self) -> None:
         """The caller has queued its reads of the output and the staging, on its current stream."""
-        stream_id = _current_stream_id(self._device)
+        stream_id = current_stream_id(self._device)
         if stream_id != self._user_id:
             self._user, self._user_id = torch.cuda.current_stream(self._device), stream_id
 
@@ -130,16 +130,6 @@ class PrefillPlan:
         """Wait until the last user's stream has run its reads: the plan's graph and memory may then go."""
         if self._user is not None:
             self._user.synchronize()
-
-
-def _current_stream_id(device: torch.device) -> Any:
-    """The current stream of `device` as a plain, comparable id, without making a Stream object."""
-    if _GET_STREAM is None:  # pragma: no cover - a torch without the C entry point
-        return torch.cuda.current_stream(device).cuda_stream
-    return _GET_STREAM(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
 
 
 class PrefillGraphs:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..cuda import current_stream_id
 from ..errors import BadArgument, NotFound, OutOfMemory
 from .arena import Arena
 from .jobs import PageJob
@@ -223,10 +224,7 @@ class VMU(PagingMixin):
         `torch.cuda.current_stream` builds a new one in Python on every call. None on CPU."""
         if not self.is_cuda:
             return None
-        get = getattr(torch._C, "_cuda_getCurrentStream", None)
-        if get is None:  # pragma: no cover - a torch without the C entry point
-            return torch.cuda.current_stream(self.device)
-        stream_id = get(self.device.index)
+        stream_id = current_stream_id(self.device)
         stream = self._streams_by_id.get(stream_id)
         if stream is None:
             stream = self._streams_by_id[stream_id] = torch.cuda.current_stream(self.device)

@@ -59,3 +59,17 @@ def test_work_on_a_pool_stream_is_ordered_on_it() -> None:
         return float(x.sum())  # .item() waits for the current stream: the pool's
 
     assert pool.call_on(1, work) == float(1 << 20)
+
+
+@pytest.mark.gpu
+def test_current_stream_id_names_the_current_stream() -> None:
+    from djinn.drivers.cuda import current_stream_id
+
+    dev = torch.device("cuda")
+    side = torch.cuda.Stream()
+    main = current_stream_id(dev)
+    assert current_stream_id(dev) == main
+    with torch.cuda.stream(side):
+        assert current_stream_id(dev) != main
+        assert current_stream_id(torch.device("cuda", torch.cuda.current_device())) == current_stream_id(dev)
+    assert current_stream_id(dev) == main
