@@ -58,7 +58,7 @@ class DeviceWorker:
 
     `after_call`, when set, runs on the thread after each call, once its outcome is handed back:
     bookkeeping that must come before the next call but need not delay the caller (the Stack's
-    statistics read). An exception it raises is logged.
+    statistics read). Its time counts in `busy_s`; an exception it raises is logged.
     """
 
     def __init__(self, name: str = "djinn-device-0", cpus: tuple[int, ...] | None = None) -> None:
@@ -123,10 +123,12 @@ class DeviceWorker:
     def _after(self) -> None:
         after = self.after_call
         if after is not None:
+            t0 = time.perf_counter()
             try:
                 after()
             except BaseException:  # noqa: BLE001 - bookkeeping must not end the worker
                 log.exception("device worker: after_call %s failed", getattr(after, "__qualname__", after))
+            self.busy_s += time.perf_counter() - t0  # the worker's time all the same
 
     @staticmethod
     def _deliver(loop: Any, setter: Callable[[asyncio.Future[Any], Any], None], future: asyncio.Future[Any],

@@ -31,8 +31,8 @@ async def test_runs_in_order_on_one_thread_off_the_loop(worker):
 
 
 async def test_after_call_runs_after_each_call_once_its_outcome_is_handed_back(worker, caplog):
-    """The hook runs on the worker between calls, after the call's outcome is on its way to the loop; one that
-    fails is logged and the worker carries on."""
+    """The hook runs on the worker between calls, after the call's outcome is on its way to the loop, and its
+    time counts as busy; one that fails is logged and the worker carries on."""
     events: list[str] = []
     handed_back = threading.Event()
 
@@ -50,6 +50,12 @@ async def test_after_call_runs_after_each_call_once_its_outcome_is_handed_back(w
     await worker.run(lambda: None)  # behind the posted call and its hook
     assert events[:6] == ["call 0", "after", "call 1", "after", "call 2", "after"]
     assert events[6:8] == ["posted", "after"]
+
+    worker.after_call = lambda: threading.Event().wait(0.02)
+    before = worker.busy_s
+    await worker.run(lambda: None)
+    await worker.run(lambda: None)  # behind the first call's hook
+    assert worker.busy_s - before >= 0.02  # the hook's time is the worker's busy time too
 
     def broken() -> None:
         raise RuntimeError("hook bug")
