@@ -499,6 +499,23 @@ _WORD_MORE: Final = struct.unpack("<Q", struct.pack("<4sBBH", MAGIC, PROTOCOL_VE
 _new_frame: Final = tuple.__new__  # Frame(...) through its generated __new__ costs twice as much
 
 
+def envelope_frame(envelope: tuple[int, str | None, Any]) -> Frame:
+    """The Frame that `Decoder.take_lone`'s (id, call, value) came from."""
+    return _new_frame(Frame, (0, _envelope_header(envelope), _EMPTY, ()))
+
+
+# What a frame taken by `Decoder.take_lone` carries besides its envelope: no flags, no payload, no
+# tensors. Its header is empty; it stands for such a frame where one is asked for (`tensors.unpack`).
+LONE_FRAME: Final = Frame(0, {}, _EMPTY, ())
+
+
+def _envelope_header(envelope: tuple[int, str | None, Any]) -> dict[str, Any]:
+    rid, name, value = envelope
+    if name is None:
+        return {"id": rid, "ok": True, "result": value}
+    return {"id": rid, "call": name, "args": value}
+
+
 def _bad_magic(seen: bytes) -> ProtocolError:
     return ProtocolError(f"bad magic {seen!r}, expected {MAGIC!r}: the peer does not speak the Djinn protocol")
 
@@ -633,6 +650,25 @@ class Decoder:
             self._check_alive()
         return self._frames.popleft() if self._frames else None
 
+    def take_lone(self, nbytes: int) -> tuple[int, str | None, Any] | None:
+        """`buffer_updated(nbytes)`, in fewer steps for the usual read. When the staging buffer held
+        nothing and these bytes are exactly one whole frame without payload or MORE, in one of the two
+        usual envelopes, the frame is taken and returned as (id, call, args) for a request or
+        (id, None, result) for a successful reply; `next_frame` does not see it. Otherwise the bytes go
+        through `buffer_updated` as usual and None is returned. Raises what `buffer_updated` raises."""
+        if (
+            self._end == 0 and self._target is None and self._died is None and not self._frames
+            and PREFIX_NBYTES < nbytes <= len(self._staging)
+        ):
+            word, header_nbytes, payload_nbytes = _unpack_words_from(self._staging, 0)
+            if (word == _WORD_PLAIN and not payload_nbytes and header_nbytes == nbytes - PREFIX_NBYTES
+                    and header_nbytes <= self._limits.max_header_nbytes):
+                envelope = self._read_envelope(PREFIX_NBYTES, header_nbytes, 0)
+                if envelope is not None:
+                    return envelope
+        self.buffer_updated(nbytes)
+        return None
+
     def _check_alive(self) -> None:
         if self._died is not None:
             raise ProtocolError(f"the decoder is dead after an earlier error: {self._died}")
@@ -664,11 +700,12 @@ class Decoder:
                 start += PREFIX_NBYTES
                 avail -= PREFIX_NBYTES
                 if not payload_nbytes and header_nbytes <= avail:
-                    header = self._read_envelope(start, header_nbytes, flags)
-                    if header is None:
+                    envelope = self._read_envelope(start, header_nbytes, flags)
+                    if envelope is None:
                         header = self._decode_staged(start, header_nbytes)
                         specs = check_header(header, flags, 0, limits)
                     else:
+                        header = _envelope_header(envelope)
                         specs = ()
                     frames.append(_new_frame(Frame, (flags, header, _EMPTY, specs)))
                     start += header_nbytes
@@ -704,7 +741,7 @@ class Decoder:
             buf[:left] = buf[start:end]
         self._start, self._end = 0, left
 
-    def _read_envelope(self, start: int, nbytes: int, flags: int) -> dict[str, Any] | None:
+    def _read_envelope(self, start: int, nbytes: int, flags: int) -> tuple[int, str | None, Any] | None:
         """The header of `nbytes` at `start` of the staging buffer if it is one of the two usual
         envelopes, as encode_call and encode_result write them: {"id", "call", "args"} (no MORE) or
         {"id", "ok": true, "result"}. Only the value (args, result) goes through CBOR, with the
@@ -757,11 +794,9 @@ class Decoder:
                 return None
             if stream.tell() != start + nbytes:
                 return None
-        if name is None:
-            return {"id": rid, "ok": True, "result": value}
-        if type(value) is not dict:
+        if name is not None and type(value) is not dict:
             return None
-        return {"id": rid, "call": name, "args": value}
+        return rid, name, value
 
     def _decode_staged(self, start: int, nbytes: int) -> Any:
         """The header of `nbytes` at `start` of the staging buffer, decoded where it lies. Raises ProtocolError."""

@@ -21,7 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 from djinn.syscalls.schema import validate
 from djinn.syscalls.table import TABLE
@@ -91,22 +91,10 @@ class Call(NamedTuple):
 _new_call = tuple.__new__  # Call(...) through its generated __new__ costs twice as much
 
 
-def _prepare(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> tuple[Any, Call, dict[str, Any]]:
-    """Look the syscall up, check the caller may make it, validate its arguments. Raises KernelError."""
-    row = TABLE.get(name) if type(name) is str else None
-    if row is None:
-        raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
-    if not peer.authed and "preauth" not in row.flags:
-        if peer.uid is None:
-            raise EACCES(f"{name}: authenticate first with hello and the daemon's token")
-        raise EPROTO(f"{name}: the first request on a connection must be hello")
-    if not raw_args and (raw_args is None or type(raw_args) is dict) and name in _NO_ARGS:
-        args = dict(_NO_ARGS[name])
-    else:
-        args = validate(name, row.args, {} if raw_args is None else raw_args)
-    if kernel.shutting_down and name != "hello":
-        kernel.refuse_new_work(name)
-    return row, _new_call(Call, (rid, name, peer)), args
+def _refuse_unauthed(peer: Peer, name: str) -> NoReturn:
+    if peer.uid is None:
+        raise EACCES(f"{name}: authenticate first with hello and the daemon's token")
+    raise EPROTO(f"{name}: the first request on a connection must be hello")
 
 
 def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any) -> Coroutine[Any, Any, None] | None:
@@ -121,7 +109,20 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
     """
     t0 = _now()
     try:
-        row, call, args = _prepare(kernel, peer, rid, name, raw_args)
+        # Look the syscall up, check the caller may make it, validate its arguments.
+        row = TABLE.get(name) if type(name) is str else None
+        if row is None:
+            raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
+        if not peer.authed and "preauth" not in row.flags:
+            _refuse_unauthed(peer, name)
+        defaults = _NO_ARGS.get(name) if not raw_args and (raw_args is None or type(raw_args) is dict) else None
+        if defaults is not None:
+            args = dict(defaults) if defaults else {}
+        else:
+            args = validate(name, row.args, {} if raw_args is None else raw_args)
+        if kernel.shutting_down and name != "hello":
+            kernel.refuse_new_work(name)
+        call = _new_call(Call, (rid, name, peer))
         if name in ASYNC_CALLS:
             return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
         result = row.handler(kernel, call, **args)

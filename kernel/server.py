@@ -40,7 +40,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, Part, ProtocolError
+from .codec import FLAG_MORE, LONE_FRAME, SEND_BUFFER_NBYTES, Decoder, Frame, Part, ProtocolError
 from .dispatch import dispatch_now
 from .errors import EIO, EPROTO, KernelError
 from .tensors import PAYLOAD_POOL, EncodedReply, encode_message, encode_reply, unpack
@@ -129,7 +129,16 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         decoder = self.decoder
         try:
-            decoder.buffer_updated(nbytes)
+            if self._early or self._held:
+                decoder.buffer_updated(nbytes)
+            else:  # the usual read, one request without tensors, in fewer steps: it starts here
+                lone = decoder.take_lone(nbytes)
+                if lone is not None:
+                    rid, name, args = lone
+                    if name is None:
+                        raise EPROTO("a request header needs a 'call' field")
+                    self._begin(rid, name, args, LONE_FRAME)
+                    return
             if self._early or self._held:  # a reply the worker sent is not finished here yet: later requests wait
                 self._hold()
                 return
@@ -230,8 +239,10 @@ class Connection(asyncio.BufferedProtocol):
         name = header.get("call")
         if name is None:
             raise EPROTO("a request header needs a 'call' field")
-        rid = header["id"]
-        args = header["args"]
+        self._begin(header["id"], name, header["args"], frame)
+
+    def _begin(self, rid: int, name: str, args: dict[str, Any], frame: Frame) -> None:
+        """Start request `rid` of `frame` (its tensors): check it and answer it, or start its task."""
         if args or frame.tensors:
             try:
                 args = unpack(args, frame)

@@ -440,15 +440,16 @@ def encode_reply(rid: int, result: Any, *, flags: int = 0, limits: Limits = DEFA
 
     Raises what `encode_message` raises.
     """
-    kind = type(result)
-    if kind is Plain and type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE:
-        return [encode_result(rid, result.value, flags, limits=limits)]
-    if (
-        (kind in _SCALARS or (kind is int and _MIN_INT <= result <= _MAX_INT)
-         or ((kind is dict or kind is list) and (not result or _plain(result, 2, limits.max_cbor_depth))))
-        and type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE
-    ):
-        return [encode_result(rid, result, flags, limits=limits)]
+    if type(rid) is int and 0 <= rid <= _MAX_INT and not flags & ~FLAG_MORE:
+        kind = type(result)
+        if kind is dict or kind is list:
+            plain = not result or _plain(result, 2, limits.max_cbor_depth)
+        elif kind is Plain:
+            return [encode_result(rid, result.value, flags, limits=limits)]
+        else:
+            plain = kind in _SCALARS or (kind is int and _MIN_INT <= result <= _MAX_INT)
+        if plain:
+            return [encode_result(rid, result, flags, limits=limits)]
     return _encode_packed({"id": rid, "ok": True, "result": result}, flags, limits)
 
 

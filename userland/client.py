@@ -29,7 +29,7 @@ import time
 from typing import Any, Iterator, NoReturn
 
 from djinn.kernel import abi
-from djinn.kernel.codec import FLAG_MORE, SEND_BUFFER_NBYTES, Decoder, send_frame
+from djinn.kernel.codec import FLAG_MORE, LONE_FRAME, SEND_BUFFER_NBYTES, Decoder, envelope_frame, send_frame
 from djinn.kernel.config import default_socket_path
 from djinn.kernel.errors import from_wire
 from djinn.kernel.tensors import PAYLOAD_POOL, encode_request, unpack
@@ -204,24 +204,49 @@ class Kernel:
         if fid == 0 and not frame.header.get("ok", True):
             raise from_wire(frame.header.get("error"))
 
+    def _read_result(self, rid: int) -> Any:
+        """The decoded result of request `rid` (of its final frame), read by the thread in the reader's
+        chair, which routes frames for other requests to their inboxes. The usual reply, one frame
+        that is the whole of one read, is taken in fewer steps (`Decoder.take_lone`)."""
+        decoder = self._decoder
+        frame = decoder.next_frame()
+        if frame is None:
+            lone = decoder.take_lone(self._recv(decoder))
+            if lone is not None:
+                if lone[0] == rid and lone[1] is None:
+                    return unpack(lone[2], LONE_FRAME)
+                frame = envelope_frame(lone)
+        while True:
+            if frame is None:
+                frame = self._read_frame()
+            if frame.header["id"] != rid:
+                self._route(frame)
+            elif not frame.flags & FLAG_MORE:
+                return self._decode(frame)
+            else:
+                self._decode(frame)
+            frame = None
+
     def _read_frame(self) -> Any:
         decoder = self._decoder
-        while True:
-            frame = decoder.next_frame()
-            if frame is not None:
-                return frame
-            buffer = decoder.get_buffer()
-            try:
-                n = self._poll_into(buffer) if self._busy_poll_s else -1
-                if n < 0:
-                    # A payload is received straight into its buffer, and in one call: the
-                    # view ends where the frame's payload does, so waiting for all of it is safe.
-                    n = self._sock.recv_into(buffer, 0, _MSG_WAITALL if decoder.in_place else 0)
-            except OSError as e:
-                self._lost(e)
-            if n == 0:
-                self._lost()
-            decoder.buffer_updated(n)
+        while (frame := decoder.next_frame()) is None:
+            decoder.buffer_updated(self._recv(decoder))
+        return frame
+
+    def _recv(self, decoder: Decoder) -> int:
+        """Read the next bytes of the stream into `decoder.get_buffer()`; returns how many (> 0)."""
+        buffer = decoder.get_buffer()
+        try:
+            n = self._poll_into(buffer) if self._busy_poll_s else -1
+            if n < 0:
+                # A payload is received straight into its buffer, and in one call: the
+                # view ends where the frame's payload does, so waiting for all of it is safe.
+                n = self._sock.recv_into(buffer, 0, _MSG_WAITALL if decoder.in_place else 0)
+        except OSError as e:
+            self._lost(e)
+        if n == 0:
+            self._lost()
+        return n
 
     def _poll_into(self, buffer: memoryview) -> int:
         """Read what has arrived into `buffer` without blocking, polling for up to busy_poll_us;
@@ -281,11 +306,9 @@ class Kernel:
                         self._lost(e)
                 else:
                     self._send(parts)
-            while (frame := self._read_until(rid)).flags & FLAG_MORE:
-                self._decode(frame)
+            return self._read_result(rid)
         finally:
             self._release_reader()
-        return self._decode(frame)
 
     def stream(self, name: str, /, **args: Any) -> Iterator[Any]:
         """A streamed syscall: yields each frame's result until the final one (not yielded)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import re
 import socket
 import struct
@@ -34,6 +35,7 @@ from djinn.kernel.codec import (
     encode_frame,
     encode_laid_out,
     encode_result,
+    envelope_frame,
     recv_frame,
     send_frame,
     tensor_table,
@@ -911,7 +913,8 @@ def _general(header_bytes: bytes, flags: int, limits: abi.Limits = abi.DEFAULT_L
 def _by_hand(header_bytes: bytes, flags: int, limits: abi.Limits = abi.DEFAULT_LIMITS) -> Any:
     dec = Decoder(limits)
     dec.get_buffer()[: len(header_bytes)] = header_bytes
-    return dec._read_envelope(0, len(header_bytes), flags)
+    envelope = dec._read_envelope(0, len(header_bytes), flags)
+    return None if envelope is None else envelope_frame(envelope).header
 
 
 @FUZZ
@@ -1000,3 +1003,85 @@ def test_more_on_a_request_is_refused_by_hand_as_well() -> None:
     encoded = encode_call(3, "nop", {})
     assert _by_hand(encoded[PREFIX_NBYTES:], FLAG_MORE) is None
     rejects(raw_frame(encoded[PREFIX_NBYTES:], flags=FLAG_MORE), "MORE")
+
+
+# -- Decoder.take_lone: the usual read in fewer steps -----------------------------------
+
+
+def _chunks_twice(chunks: list[bytes], staging: int, limits: abi.Limits = abi.DEFAULT_LIMITS) -> tuple[Any, Any]:
+    """Feed `chunks` to a decoder through buffer_updated and to another through take_lone, read by read (as a
+    socket would write them into get_buffer); returns each one's (frames in order, error message or None)."""
+    outcomes = []
+    for lone in (False, True):
+        dec = Decoder(limits, staging_nbytes=staging)
+        got: list[Frame] = []
+        error = None
+        try:
+            for chunk in chunks:
+                pos = 0
+                while pos < len(chunk):
+                    buf = dec.get_buffer()
+                    n = min(len(buf), len(chunk) - pos)
+                    buf[:n] = chunk[pos : pos + n]
+                    pos += n
+                    if lone and (envelope := dec.take_lone(n)) is not None:
+                        got.append(envelope_frame(envelope))
+                    elif not lone:
+                        dec.buffer_updated(n)
+                    while (f := dec.next_frame()) is not None:
+                        got.append(f)
+            dec.feed_eof()
+        except ProtocolError as exc:
+            error = exc.message
+            assert dec.dead
+        outcomes.append(([(f.flags, f.header, bytes(f.payload), f.tensors) for f in got], error))
+    return outcomes[0], outcomes[1]
+
+
+@FUZZ
+@given(st.lists(frames(), min_size=1, max_size=4), st.data(), st.sampled_from(STAGINGS))
+def test_take_lone_reads_any_stream_as_buffer_updated_does(msgs: list[Any], data: st.DataObject, staging: int) -> None:
+    stream = b"".join(frame_bytes(*m) for m in msgs)
+    # Reads that end on frame boundaries (where take_lone may take a frame) and reads that do not.
+    bounds = list(itertools.accumulate(len(frame_bytes(*m)) for m in msgs))
+    cuts = sorted(set(data.draw(st.lists(st.sampled_from(bounds) | st.integers(0, len(stream)), max_size=8))))
+    chunks = [stream[lo:hi] for lo, hi in zip([0, *cuts], [*cuts, len(stream)]) if hi > lo]
+    plain, lone = _chunks_twice(chunks, staging)
+    assert lone == plain
+    assert len(lone[0]) == len(msgs) and lone[1] is None
+
+
+@FUZZ
+@given(frames(), st.data())
+def test_take_lone_fails_as_buffer_updated_does(msg: Any, data: st.DataObject) -> None:
+    stream = bytearray(frame_bytes(*msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        stream[data.draw(st.integers(0, len(stream) - 1))] = data.draw(st.integers(0, 255))
+    plain, lone = _chunks_twice([bytes(stream)], 64 << 10, SMALL)
+    assert lone == plain
+
+
+def test_take_lone_takes_one_whole_usual_frame_and_nothing_else() -> None:
+    dec = Decoder()
+    request = encode_call(300, "stat", {"x": [1, 2]})
+    dec.get_buffer()[: len(request)] = request
+    assert dec.take_lone(len(request)) == (300, "stat", {"x": [1, 2]})
+    assert dec.next_frame() is None
+    reply = encode_result(2**40, {"ok": 1})
+    dec.get_buffer()[: len(reply)] = reply
+    assert dec.take_lone(len(reply)) == (2**40, None, {"ok": 1})
+    # Two frames in one read, a frame with a payload, a streamed reply, an error reply and a frame cut short
+    # go through buffer_updated: take_lone returns None and next_frame hands them out as usual.
+    for data, n in ((request + reply, 2), (frame_bytes(REQ, [("t", "int8", [3], b"abc")]), 1),
+                    (encode_result(5, 1, FLAG_MORE), 1), (frame_bytes({"id": 1, "ok": False, "error": {
+                        "errno": "EIO", "code": 5, "message": "m"}}), 1), (request[:-1], 0)):
+        dec = Decoder()
+        dec.get_buffer()[: len(data)] = data
+        assert dec.take_lone(len(data)) is None
+        assert len([f for f in iter(dec.next_frame, None)]) == n
+    # What the staging buffer already held comes first: the frame that completes it is not taken alone.
+    dec = Decoder()
+    for piece in (request[:5], request[5:]):
+        dec.get_buffer()[: len(piece)] = piece
+        assert dec.take_lone(len(piece)) is None
+    assert dec.next_frame().header == {"id": 300, "call": "stat", "args": {"x": [1, 2]}}

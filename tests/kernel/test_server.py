@@ -259,6 +259,52 @@ def test_busy_poll_reads_without_blocking_and_falls_back_to_a_blocking_read(djin
         assert socket.MSG_DONTWAIT in rec.flags and any(not f & socket.MSG_DONTWAIT for f in rec.flags)
 
 
+def _scripted_server(path: str, script: Any) -> threading.Thread:
+    """A one-connection server at `path` that answers hello, then hands every later request frame to
+    `script(sock, frame)`."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        dec = Decoder()
+        with conn:
+            while data := conn.recv(1 << 16):
+                dec.feed(data)
+                while (frame := dec.next_frame()) is not None:
+                    if frame.header["call"] == "hello":
+                        conn.sendall(encode_reply(frame.header["id"], {"protocol": abi.PROTOCOL_VERSION})[0])
+                    else:
+                        script(conn, frame)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_reply_for_another_request_read_alone_goes_to_its_inbox(tmp_path):
+    """syscall() takes a reply that is a whole read by itself in fewer steps; one for another request
+    (here a submit()ted one, answered first and on its own) still reaches that request's inbox."""
+    held: list[Any] = []
+
+    def script(conn: socket.socket, frame: Any) -> None:
+        held.append(frame.header["id"])
+        if len(held) == 2:  # the submitted nop, then the syscall's stat: the nop's reply alone, then stat's
+            conn.sendall(encode_reply(held[0], {"which": "nop"})[0])
+            time.sleep(0.05)
+            conn.sendall(encode_reply(held[1], {"which": "stat"})[0])
+
+    path = str(tmp_path / "scripted.sock")
+    server = _scripted_server(path, script)
+    with djinn.connect(path) as k:
+        rid = k.submit("nop")
+        assert k.syscall("stat") == {"which": "stat"}
+        assert k.result(rid) == {"which": "nop"}
+    server.join(5)
+
+
 def test_busy_poll_setting_from_the_environment(djinnd, monkeypatch):
     monkeypatch.setenv("DJINN_BUSY_POLL_US", "250")
     with djinn.connect(djinnd.path) as k:
