@@ -25,7 +25,12 @@ share the machine's cores the same way in each measurement. All servers run at
 once and the measurements alternate between a baseline and djinn (blocks of round
 trips, single tensor trials): on a shared 2-core machine the cost of a wake-up
 changes from minute to minute, and a ratio means something only if both of its
-sides saw the same minutes.
+sides saw the same minutes. The null round trip runs against `--instances` echo
+servers and as many djinnds, a pair per block in turn, its samples pooled: a
+process keeps the CPU the scheduler gave it and the memory layout it happened to
+get for its whole life, and either moves one process's round trip by tens of
+percent (a baseline server's as much as djinnd's), so one process of each would
+make the ratio a draw.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from typing import Any, Callable, Iterator
 
 from bench.common import Recorder, daemon, percentile, progress, spawn_server, stop_server
@@ -171,15 +177,18 @@ def _timed(call: Callable[[], Any]) -> Callable[[], float]:
     return round_trip
 
 
-def _interleave(a: Callable[[], float], b: Callable[[], float], n: int, block: int, label: str
+def _interleave(pairs: list[tuple[Callable[[], float], Callable[[], float]]], n: int, block: int, label: str
                 ) -> tuple[list[float], list[float]]:
-    """n round trips of each, alternating blocks of `block`; which goes first alternates too."""
+    """n round trips of each side, in alternating blocks of `block`; which side goes first alternates
+    too. Block i uses pairs[i % len(pairs)]: a baseline server and a djinnd of their own, so that
+    every pair of servers is measured in the same minutes, and the samples of all pairs are pooled."""
     out_a: list[float] = []
     out_b: list[float] = []
     blocks = -(-n // block)
     for i in progress(range(blocks), label):
         size = min(block, n - i * block)
-        order = ((a, out_a), (b, out_b)) if i % 2 == 0 else ((b, out_b), (a, out_a))
+        a, b = pairs[i % len(pairs)]
+        order = ((a, out_a), (b, out_b)) if i // len(pairs) % 2 == 0 else ((b, out_b), (a, out_a))
         for fn, out in order:
             out.extend(fn() for _ in range(size))
     return out_a, out_b
@@ -235,6 +244,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-mib", type=int, default=16, help="size of the echoed tensor")
     p.add_argument("--tensor-trials", type=int, default=30)
     p.add_argument("--block", type=int, default=500, help="round trips per block when alternating echo and nop")
+    p.add_argument("--instances", type=int, default=3,
+                   help="echo servers and djinnds for the null round trip, one pair per block in turn")
     p.add_argument("--control-rounds", type=int, default=4,
                    help="idle/busy phase pairs of the control-syscall measurement (0: skip it)")
     p.add_argument("--control-s", type=float, default=2.0, help="seconds per control-syscall phase")
@@ -251,42 +262,47 @@ def run(args: argparse.Namespace) -> int:
     rec = Recorder("rpc", args.output_dir, quick=args.quick)
     tmp = tempfile.mkdtemp(prefix="djinn-bench-")
     nbytes = args.tensor_mib << 20
-    echo_path = os.path.join(tmp, "echo.sock")
     bulk_path = os.path.join(tmp, "bulk.sock")
 
     with contextlib.ExitStack() as stack:
-        echo_server = spawn_server([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
-        stack.callback(stop_server, echo_server)
+        # Several echo servers and djinnds, one pair per block in turn (see _interleave): where the
+        # scheduler places a process, and how its memory happens to be laid out, stay with it for its
+        # life and move its round trip by tens of percent, for a baseline server as for djinnd.
+        servers: list[int] = []
+        null_pairs: list[tuple[Callable[[], float], Callable[[], float]]] = []
+        for i in range(args.instances):
+            echo_path = os.path.join(tmp, f"echo{i}.sock")
+            echo_server = spawn_server([sys.executable, "-c", ECHO_SERVER, echo_path], echo_path)
+            stack.callback(stop_server, echo_server)
+            djinn_path = stack.enter_context(daemon("--model", "none", "--vmu-data", "64MiB", "--vmu-host", "64MiB",
+                                                    "--vmu-text", "64MiB", "--vmu-stack", "64MiB"))
+            k = stack.enter_context(djinn.connect(djinn_path))
+            echo_client = _EchoClient(echo_path)
+            for _ in range(200):
+                echo_client.round_trip()
+                k.syscall("nop")
+            null_pairs.append((echo_client.round_trip, _timed(partial(k.syscall, "nop"))))
+            servers += [echo_server.pid, _server_pid(djinn_path)]
         stack.callback(stop_server, spawn_server([sys.executable, "-c", BULK_SERVER, bulk_path, str(nbytes)], bulk_path))
-        djinn_path = stack.enter_context(daemon("--model", "none", "--vmu-data", "64MiB", "--vmu-host", "64MiB",
-                                                "--vmu-text", "64MiB", "--vmu-stack", "64MiB"))
-        k = stack.enter_context(djinn.connect(djinn_path))
-        echo_client = _EchoClient(echo_path)
-        for _ in range(200):
-            echo_client.round_trip()
-            k.syscall("nop")
-        echo, null = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")), n, args.block,
-                                 "null syscalls and echoes")
+        echo, null = _interleave(null_pairs, n, args.block, "null syscalls and echoes")
         # The same on one core: the scheduler puts each server on the client's core or
         # on the other one, sticks to its choice, and a wake-up across cores of this VM
         # costs tens of microseconds. On one core both pay the same, only for their work.
         ranked = rank_cpus()
         cpus = [cpu for cpu, _ in ranked]
-        rec.record(metric="config", n=n, block=args.block, pipeline=args.pipeline, tensor_mib=args.tensor_mib,
+        rec.record(metric="config", n=n, block=args.block, instances=args.instances, pipeline=args.pipeline,
+                   tensor_mib=args.tensor_mib,
                    cpus_fastest=cpus[0], cpus_second=cpus[1] if len(cpus) > 1 else None,
                    cpu_probe_us={str(c): round(t * 1e6, 1) for c, t in sorted(ranked)})
-        servers = [echo_server.pid, _server_pid(djinn_path)]
         with _pinned([threading.get_native_id(), *servers], {cpus[0]}):
-            echo_1, null_1 = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")), max(n // 4, 1000),
-                                         args.block, "the same on one core")
+            echo_1, null_1 = _interleave(null_pairs, max(n // 4, 1000), args.block, "the same on one core")
         # And with every wake-up crossing cores: the client on one core, both servers on
         # another, so that each side pays the same wake-ups instead of the scheduler's choice.
         echo_x: list[float] = []
         null_x: list[float] = []
         if len(cpus) > 1:
             with _pinned([threading.get_native_id()], {cpus[0]}), _pinned(servers, {cpus[1]}):
-                echo_x, null_x = _interleave(echo_client.round_trip, _timed(lambda: k.syscall("nop")),
-                                             max(n // 4, 1000), args.block, "the same across two cores")
+                echo_x, null_x = _interleave(null_pairs, max(n // 4, 1000), args.block, "the same across two cores")
 
         batches = max(4, n // args.pipeline)
         t0 = time.perf_counter()
@@ -304,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(2):
             bulk_client.round_trip()
             tensor_echo()
-        bulk, tensor_rt = _interleave(bulk_client.round_trip, _timed(tensor_echo), trials, 1,
+        bulk, tensor_rt = _interleave([(bulk_client.round_trip, _timed(tensor_echo))], trials, 1,
                                       f"{args.tensor_mib} MiB echoes")
         assert torch.equal(replies[0], tensor), "the echoed tensor differs"
 

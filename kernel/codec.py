@@ -406,6 +406,8 @@ def _header_too_big(nbytes: int, limits: Limits) -> E2BIG:
 # Decoder reads them back by hand the same way (Decoder._read_envelope).
 _UINT_HEADS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
 _TEXT_HEADS: Final = tuple(bytes((0x60 | n,)) if n < 24 else bytes((0x78, n)) for n in range(256))
+# The argument after an unsigned-integer head 0x18 + i: (its size in bytes, how to read it), i = 0..3.
+_UINT_ARGS: Final = tuple((size, struct.Struct(f">{code}").unpack_from) for size, code in ((1, "B"), (2, "H"), (4, "I"), (8, "Q")))
 _pack_head16: Final = struct.Struct(">BH").pack
 _pack_head32: Final = struct.Struct(">BI").pack
 _pack_head64: Final = struct.Struct(">BQ").pack
@@ -443,13 +445,12 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    encoded = b"".join((  # a small id's head is looked up here: _cbor_head's first case, without the call
-        _MAP3_ID, _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE,
-        _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result),
-    ))
-    if len(encoded) > limits.max_header_nbytes:
-        raise _header_too_big(len(encoded), limits)
-    return _pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, len(encoded), 0) + encoded
+    id_head = _UINT_HEADS[rid] if rid < 256 else _uint_head(rid)
+    value = _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result)
+    nbytes = _RESULT_FIXED_NBYTES + len(id_head) + len(value)
+    if nbytes > limits.max_header_nbytes:
+        raise _header_too_big(nbytes, limits)
+    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, nbytes, 0), _MAP3_ID, id_head, _RESULT_MIDDLE, value))
 
 
 def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -459,19 +460,62 @@ def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = D
     and a map of plain values (no tensors; see `tensors.encode_request`). Raises
     EINVAL if a value is not CBOR, E2BIG over the header limit.
     """
+    middle = _CALL_MIDDLES.get(name)
+    if middle is None:
+        middle = _call_middle(name)
+    id_head = _UINT_HEADS[rid] if rid < 256 else _uint_head(rid)
+    value = _EMPTY_MAP if not args else _value_cbor(args)
+    nbytes = len(_MAP3_ID) + len(id_head) + len(middle) + len(value)
+    if nbytes > limits.max_header_nbytes:
+        raise _header_too_big(nbytes, limits)
+    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, nbytes, 0), _MAP3_ID, id_head, middle, value))
+
+
+def _uint_head(n: int) -> bytes:
+    """The shortest CBOR head of the unsigned integer 256 <= n < 2**64 (below 256: _UINT_HEADS[n])."""
+    if n < 0x10000:
+        return _pack_head16(0x19, n)
+    if n < 0x100000000:
+        return _pack_head32(0x1A, n)
+    return _pack_head64(0x1B, n)
+
+
+def _call_middle(name: str) -> bytes:
+    """What a request's header holds between its id and its args' value: "call", the name, "args".
+    Kept for the first _CALL_MIDDLES_MAX names (the syscalls a client makes are few)."""
     try:
         name_utf8 = name.encode()
     except UnicodeEncodeError as exc:
         raise EINVAL(f"header cannot be encoded as CBOR: {exc}") from None
     size = len(name_utf8)
-    encoded = b"".join((
-        _MAP3_ID, _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS), _CALL_MIDDLE,
-        _TEXT_HEADS[size] if size < 256 else _cbor_head(0x60, size, _TEXT_HEADS),
-        name_utf8, _ARGS_KEY, _EMPTY_MAP if not args else _value_cbor(args),
-    ))
-    if len(encoded) > limits.max_header_nbytes:
-        raise _header_too_big(len(encoded), limits)
-    return _pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, len(encoded), 0) + encoded
+    middle = b"".join((_CALL_MIDDLE, _TEXT_HEADS[size] if size < 256 else _cbor_head(0x60, size, _TEXT_HEADS),
+                       name_utf8, _ARGS_KEY))
+    if len(_CALL_MIDDLES) < _CALL_MIDDLES_MAX:
+        _CALL_MIDDLES[name] = middle
+    return middle
+
+
+def _call_name(middle: bytes) -> str | None:
+    """The name in a request header's `middle` (see _call_middle; its text head is there), or None if
+    it is not one. The first
+    _CALL_MIDDLES_MAX names are kept: a request's whole middle is then looked up at once."""
+    start = len(_CALL_MIDDLE) + (2 if middle[len(_CALL_MIDDLE)] == 0x78 else 1)  # after the name's text head
+    try:
+        name = middle[start : len(middle) - len(_ARGS_KEY)].decode()
+    except UnicodeDecodeError:
+        return None
+    if _call_middle(name) != middle:
+        return None
+    if len(_CALL_NAMES) < _CALL_MIDDLES_MAX:
+        _CALL_NAMES[middle] = name
+    return name
+
+
+# The middles of the requests seen so far, both ways: name -> middle (encode_call), middle -> name (Decoder).
+_CALL_MIDDLES: dict[str, bytes] = {}
+_CALL_NAMES: dict[bytes, str] = {}
+_CALL_MIDDLES_MAX: Final = 512
+_RESULT_FIXED_NBYTES: Final = len(_MAP3_ID) + len(_RESULT_MIDDLE)
 
 
 class _Rejected(Exception):
@@ -591,7 +635,8 @@ class Decoder:
             self._check_alive()
         if self._target is not None:
             return self._target[self._target_pos :]
-        return self._staging[self._end :]
+        end = self._end
+        return self._staging[end:] if end else self._staging  # the usual read: the whole buffer, no new view
 
     def buffer_updated(self, nbytes: int) -> None:
         """Account for `nbytes` written at the start of the last `get_buffer` view; parse what is whole.
@@ -759,29 +804,26 @@ class Decoder:
         if head < 24:
             rid, pos = head, 5
         elif head <= 27:  # 1, 2, 4 or 8 bytes follow
-            pos = 5 + (1 << (head - 24))
-            rid = int.from_bytes(h[5:pos], "big")
+            size, unpack_from = _UINT_ARGS[head - 24]  # h holds them: nbytes >= _ENVELOPE_MIN_NBYTES > 5 + 8
+            rid, pos = unpack_from(h, 5)[0], 5 + size
         else:
             return None
-        if h.startswith(_RESULT_MIDDLE, pos):
-            pos += len(_RESULT_MIDDLE)
-            name = None
-        elif not flags and h.startswith(_CALL_MIDDLE, pos):
-            head = h[pos + 5] if pos + 6 < nbytes else 0
-            if 0x60 <= head < 0x78:
-                size, pos = head - 0x60, pos + 6
+        if h[pos] == 0x64:  # a 4-byte text: a request's "call"
+            head = h[pos + 5] if pos + 6 < nbytes and not flags else 0
+            if 0x60 <= head < 0x78:  # the name's length; "args" follows it
+                end = pos + len(_CALL_MIDDLE) + 1 + (head - 0x60) + len(_ARGS_KEY)
             elif head == 0x78:
-                size, pos = h[pos + 6], pos + 7
+                end = pos + len(_CALL_MIDDLE) + 2 + h[pos + 6] + len(_ARGS_KEY)
             else:
                 return None
-            try:
-                name = h[pos : pos + size].decode()
-            except UnicodeDecodeError:
+            middle = h[pos:end]
+            name = _CALL_NAMES.get(middle)
+            if name is None and (name := _call_name(middle)) is None:
                 return None
-            pos += size
-            if not h.startswith(_ARGS_KEY, pos):
-                return None
-            pos += len(_ARGS_KEY)
+            pos = end
+        elif h.startswith(_RESULT_MIDDLE, pos):
+            pos += len(_RESULT_MIDDLE)
+            name = None
         else:
             return None
         if pos == nbytes - 1 and h[pos] == 0xA0:

@@ -18,7 +18,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from djinn.kernel import abi
+from djinn.kernel import abi, codec
 from djinn.kernel.codec import (
     ALIGN,
     DTYPES,
@@ -1085,3 +1085,14 @@ def test_take_lone_takes_one_whole_usual_frame_and_nothing_else() -> None:
         dec.get_buffer()[: len(piece)] = piece
         assert dec.take_lone(len(piece)) is None
     assert dec.next_frame().header == {"id": 300, "call": "stat", "args": {"x": [1, 2]}}
+
+
+def test_request_names_past_the_kept_ones_are_still_read_and_written() -> None:
+    """encode_call and the Decoder keep the first names they see; any later one goes the long way, the same."""
+    for i in range(codec._CALL_MIDDLES_MAX + 50):
+        name = f"call-{i}-é"
+        encoded = encode_call(i, name, {"i": i})
+        assert encoded == b"".join(encode_frame({"id": i, "call": name, "args": {"i": i}}))
+        [frame] = decode_all(encoded)
+        assert frame.header == {"id": i, "call": name, "args": {"i": i}}
+    assert len(codec._CALL_NAMES) <= codec._CALL_MIDDLES_MAX and len(codec._CALL_MIDDLES) <= codec._CALL_MIDDLES_MAX
