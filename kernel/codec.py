@@ -406,8 +406,9 @@ def _header_too_big(nbytes: int, limits: Limits) -> E2BIG:
 # Decoder reads them back by hand the same way (Decoder._read_envelope).
 _UINT_HEADS: Final = tuple(bytes((n,)) if n < 24 else bytes((0x18, n)) for n in range(256))
 _TEXT_HEADS: Final = tuple(bytes((0x60 | n,)) if n < 24 else bytes((0x78, n)) for n in range(256))
-# The argument after an unsigned-integer head 0x18 + i: (its size in bytes, how to read it), i = 0..3.
-_UINT_ARGS: Final = tuple((size, struct.Struct(f">{code}").unpack_from) for size, code in ((1, "B"), (2, "H"), (4, "I"), (8, "Q")))
+# The argument after an unsigned-integer head 0x18..0x1B: (its size in bytes, how to read it), by head.
+_UINT_ARGS: Final = {0x18 + i: (size, struct.Struct(f">{code}").unpack_from)
+                     for i, (size, code) in enumerate(((1, "B"), (2, "H"), (4, "I"), (8, "Q")))}
 _pack_head16: Final = struct.Struct(">BH").pack
 _pack_head32: Final = struct.Struct(">BI").pack
 _pack_head64: Final = struct.Struct(">BQ").pack
@@ -417,6 +418,10 @@ _CALL_MIDDLE: Final = b"\x64call"
 _ARGS_KEY: Final = b"\x64args"
 _EMPTY_MAP: Final = b"\xa0"
 # The shortest usual envelope (id 0, a value of one byte; a request's name empty): anything shorter is not one.
+# A request's middle (see _call_middle) ends this many bytes past its start, plus the name's text head
+# (0x60 + length, below 24) or plus the length (after the head 0x78).
+_CALL_SPAN_SHORT: Final = len(_CALL_MIDDLE) + 1 - 0x60 + len(_ARGS_KEY)
+_CALL_SPAN_LONG: Final = len(_CALL_MIDDLE) + 2 + len(_ARGS_KEY)
 _ENVELOPE_MIN_NBYTES: Final = len(_MAP3_ID) + 2 + min(len(_RESULT_MIDDLE), len(_CALL_MIDDLE) + 1 + len(_ARGS_KEY))
 
 
@@ -701,12 +706,11 @@ class Decoder:
         usual envelopes, the frame is taken and returned as (id, call, args) for a request or
         (id, None, result) for a successful reply; `next_frame` does not see it. Otherwise the bytes go
         through `buffer_updated` as usual and None is returned. Raises what `buffer_updated` raises."""
-        if (
-            self._end == 0 and self._target is None and self._died is None and not self._frames
-            and PREFIX_NBYTES < nbytes <= len(self._staging)
-        ):
-            word, header_nbytes, payload_nbytes = _unpack_words_from(self._staging, 0)
-            if (word == _WORD_PLAIN and not payload_nbytes and header_nbytes == nbytes - PREFIX_NBYTES
+        staging = self._staging
+        if (not (self._end or self._frames or self._died) and self._target is None
+                and PREFIX_NBYTES < nbytes <= len(staging)):
+            word, header_nbytes, payload_nbytes = _unpack_words_from(staging, 0)
+            if (word == _WORD_PLAIN and header_nbytes == nbytes - PREFIX_NBYTES and not payload_nbytes
                     and header_nbytes <= self._limits.max_header_nbytes):
                 envelope = self._read_envelope(PREFIX_NBYTES, header_nbytes, 0)
                 if envelope is not None:
@@ -803,17 +807,17 @@ class Decoder:
         head = h[4]
         if head < 24:
             rid, pos = head, 5
-        elif head <= 27:  # 1, 2, 4 or 8 bytes follow
-            size, unpack_from = _UINT_ARGS[head - 24]  # h holds them: nbytes >= _ENVELOPE_MIN_NBYTES > 5 + 8
+        elif head <= 27:  # 1, 2, 4 or 8 bytes follow; h holds them: nbytes >= _ENVELOPE_MIN_NBYTES > 5 + 8
+            size, unpack_from = _UINT_ARGS[head]
             rid, pos = unpack_from(h, 5)[0], 5 + size
         else:
             return None
         if h[pos] == 0x64:  # a 4-byte text: a request's "call"
             head = h[pos + 5] if pos + 6 < nbytes and not flags else 0
             if 0x60 <= head < 0x78:  # the name's length; "args" follows it
-                end = pos + len(_CALL_MIDDLE) + 1 + (head - 0x60) + len(_ARGS_KEY)
+                end = pos + _CALL_SPAN_SHORT + head
             elif head == 0x78:
-                end = pos + len(_CALL_MIDDLE) + 2 + h[pos + 6] + len(_ARGS_KEY)
+                end = pos + _CALL_SPAN_LONG + h[pos + 6]
             else:
                 return None
             middle = h[pos:end]

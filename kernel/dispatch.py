@@ -125,7 +125,7 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
         call = _new_call(Call, (rid, name, peer))
         if name in ASYNC_CALLS:
             return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
-        result = row.handler(kernel, call, **args)
+        result = row.handler(kernel, call, **args) if args else row.handler(kernel, call)
         peer.reply(rid, {} if result is None else result)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)
