@@ -203,6 +203,28 @@ def test_pipelined_requests_all_answered_by_id(kernel):
         assert kernel.result(rid) == {"data": i}
 
 
+def test_a_reply_sent_to_the_daemon_is_a_protocol_error(djinnd):
+    """A whole successful-reply frame read alone (the shape the daemon takes in fewer steps) is not a request."""
+    s = _raw(djinnd.path)
+    _hello(s)
+    s.sendall(encode_reply(5, {"x": 1})[0])
+    reply = _read_reply(s)
+    assert reply["id"] == 0 and reply["error"]["errno"] == "EPROTO" and "'call'" in reply["error"]["message"]
+    assert _closed(s)
+    _still_serving(djinnd)
+
+
+def test_a_tensor_reference_without_a_table_fails_that_request_only(djinnd):
+    s = _raw(djinnd.path)
+    _hello(s)
+    s.sendall(b"".join(encode_frame({"id": 2, "call": "echo", "args": {"data": {"$tensor": "t"}}})))
+    reply = _read_reply(s)
+    assert reply["id"] == 2 and reply["error"]["errno"] == "EPROTO" and "names no row" in reply["error"]["message"]
+    s.sendall(b"".join(encode_message({"id": 3, "call": "nop", "args": {}})))
+    assert _read_reply(s) == {"id": 3, "ok": True, "result": {}}
+    s.close()
+
+
 def test_replies_come_back_out_of_order(djinnd):
     """A slow device call and a control call on one connection: the control reply overtakes."""
     s = _raw(djinnd.path)
