@@ -244,7 +244,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-mib", type=int, default=16, help="size of the echoed tensor")
     p.add_argument("--tensor-trials", type=int, default=30)
     p.add_argument("--block", type=int, default=500, help="round trips per block when alternating echo and nop")
-    p.add_argument("--instances", type=int, default=3,
+    p.add_argument("--instances", type=int, default=3, choices=range(1, 17), metavar="1..16",
                    help="echo servers and djinnds for the null round trip, one pair per block in turn")
     p.add_argument("--control-rounds", type=int, default=4,
                    help="idle/busy phase pairs of the control-syscall measurement (0: skip it)")

@@ -5,7 +5,9 @@ payload, which holds the tensors' bytes at 64-byte-aligned offsets
 (docs/PROTOCOL.md). The encoder never copies tensor bytes. The Decoder is fed
 bytes and hands out whole frames; every limit is checked before the buffer it
 bounds is allocated, and a payload is received straight into its own buffer.
-Malformed input raises ProtocolError and leaves the decoder dead. The two
+A read that is exactly one usual frame (no tensors) may be taken as its envelope
+alone (`take_lone`), with no Frame made. Malformed input raises ProtocolError
+and leaves the decoder dead. The two
 blocking socket helpers at the end are for clients; the Decoder is the only parser.
 """
 
@@ -27,10 +29,10 @@ from .abi import DEFAULT_LIMITS, MAGIC, PROTOCOL_VERSION, Limits
 from .errors import E2BIG, EINVAL, EPROTO, KernelError
 
 __all__ = [
-    "ALIGN", "DTYPES", "FLAG_MORE", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES", "SEND_BUFFER_NBYTES",
+    "ALIGN", "DTYPES", "FLAG_MORE", "LONE_FRAME", "MAX_NDIM", "PREFIX", "PREFIX_NBYTES", "SEND_BUFFER_NBYTES",
     "Decoder", "Frame", "FrameTooLarge", "ProtocolError", "TensorEntry", "TensorSpec",
-    "check_header", "encode_call", "encode_frame", "encode_laid_out", "encode_result", "recv_frame", "send_frame",
-    "tensor_table",
+    "check_header", "encode_call", "encode_frame", "encode_laid_out", "encode_result", "envelope_frame", "recv_frame",
+    "send_frame", "tensor_table",
 ]
 
 Buffer: TypeAlias = Any  # any object with the buffer protocol (collections.abc.Buffer needs 3.12)
@@ -417,11 +419,11 @@ _RESULT_MIDDLE: Final = b"\x62ok\xf5\x66result"  # "ok": true, "result"
 _CALL_MIDDLE: Final = b"\x64call"
 _ARGS_KEY: Final = b"\x64args"
 _EMPTY_MAP: Final = b"\xa0"
-# The shortest usual envelope (id 0, a value of one byte; a request's name empty): anything shorter is not one.
 # A request's middle (see _call_middle) ends this many bytes past its start, plus the name's text head
 # (0x60 + length, below 24) or plus the length (after the head 0x78).
 _CALL_SPAN_SHORT: Final = len(_CALL_MIDDLE) + 1 - 0x60 + len(_ARGS_KEY)
 _CALL_SPAN_LONG: Final = len(_CALL_MIDDLE) + 2 + len(_ARGS_KEY)
+# The shortest usual envelope (id 0, a value of one byte; a request's name empty): anything shorter is not one.
 _ENVELOPE_MIN_NBYTES: Final = len(_MAP3_ID) + 2 + min(len(_RESULT_MIDDLE), len(_CALL_MIDDLE) + 1 + len(_ARGS_KEY))
 
 
@@ -502,8 +504,7 @@ def _call_middle(name: str) -> bytes:
 
 def _call_name(middle: bytes) -> str | None:
     """The name in a request header's `middle` (see _call_middle; its text head is there), or None if
-    it is not one. The first
-    _CALL_MIDDLES_MAX names are kept: a request's whole middle is then looked up at once."""
+    it is not one. The first _CALL_MIDDLES_MAX names are kept: the reader then looks a middle up whole."""
     start = len(_CALL_MIDDLE) + (2 if middle[len(_CALL_MIDDLE)] == 0x78 else 1)  # after the name's text head
     try:
         name = middle[start : len(middle) - len(_ARGS_KEY)].decode()
@@ -793,7 +794,8 @@ class Decoder:
     def _read_envelope(self, start: int, nbytes: int, flags: int) -> tuple[int, str | None, Any] | None:
         """The header of `nbytes` at `start` of the staging buffer if it is one of the two usual
         envelopes, as encode_call and encode_result write them: {"id", "call", "args"} (no MORE) or
-        {"id", "ok": true, "result"}. Only the value (args, result) goes through CBOR, with the
+        {"id", "ok": true, "result"}, as (id, call, args) or (id, None, result) (`envelope_frame`
+        makes the Frame of it). Only the value (args, result) goes through CBOR, with the
         header's rules one level down; what check_header checks holds by construction. None for
         anything else, which the general path decodes, checks and, if malformed, rejects."""
         value_cbor = self._value_cbor

@@ -5,7 +5,8 @@ Rules:
   (`asyncio.BufferedProtocol`); large payloads land in buffers from the payload
   pool. Replies leave through `write` / `writelines` of bytes and memoryviews.
 - `buffer_updated` feeds the decoder and hands each whole frame to the
-  dispatcher, which checks it there and then, in arrival order: a control
+  dispatcher (a read that is one usual request without tensors as its envelope
+  alone, `Decoder.take_lone`), which checks it there and then, in arrival order: a control
   syscall (plain handler) is answered at once, any other starts one task. It
   never waits. On Python 3.12 and later the task starts eagerly: it runs inside
   this callback up to its first real wait, so a forward's device call is queued

@@ -7,6 +7,8 @@ Rules:
 - Replies are received straight into the decoder's buffers (`recv_into`); a
   large payload lands in a buffer from the payload pool, which the returned
   tensors view. Large requests leave by scatter-gather from the tensors' memory.
+  A reply that is the whole of one read and carries no tensors is taken as its
+  envelope alone (`Decoder.take_lone`), with no Frame made.
 - A reply's error is raised as the same KernelError subclass the kernel meant.
 - `post()` sends a request whose reply nobody waits for: it has no inbox, and
   the reader drops the frames of an id without one (its result or its error
