@@ -218,16 +218,14 @@ class Kernel:
                 if lone[0] == rid and lone[1] is None:
                     return unpack(lone[2], LONE_FRAME)
                 frame = envelope_frame(lone)
-        while True:
-            if frame is None:
-                frame = self._read_frame()
-            if frame.header["id"] != rid:
+        if frame is None or frame.header["id"] != rid:
+            if frame is not None:
                 self._route(frame)
-            elif not frame.flags & FLAG_MORE:
-                return self._decode(frame)
-            else:
-                self._decode(frame)
-            frame = None
+            frame = self._read_until(rid)
+        while frame.flags & FLAG_MORE:
+            self._decode(frame)
+            frame = self._read_until(rid)
+        return self._decode(frame)
 
     def _read_frame(self) -> Any:
         decoder = self._decoder
