@@ -452,7 +452,7 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    id_head = _UINT_HEADS[rid] if rid < 256 else _uint_head(rid)
+    id_head = _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS)
     value = _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result)
     nbytes = _RESULT_FIXED_NBYTES + len(id_head) + len(value)
     if nbytes > limits.max_header_nbytes:
@@ -470,21 +470,12 @@ def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = D
     middle = _CALL_MIDDLES.get(name)
     if middle is None:
         middle = _call_middle(name)
-    id_head = _UINT_HEADS[rid] if rid < 256 else _uint_head(rid)
+    id_head = _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS)
     value = _EMPTY_MAP if not args else _value_cbor(args)
     nbytes = len(_MAP3_ID) + len(id_head) + len(middle) + len(value)
     if nbytes > limits.max_header_nbytes:
         raise _header_too_big(nbytes, limits)
     return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, nbytes, 0), _MAP3_ID, id_head, middle, value))
-
-
-def _uint_head(n: int) -> bytes:
-    """The shortest CBOR head of the unsigned integer 256 <= n < 2**64 (below 256: _UINT_HEADS[n])."""
-    if n < 0x10000:
-        return _pack_head16(0x19, n)
-    if n < 0x100000000:
-        return _pack_head32(0x1A, n)
-    return _pack_head64(0x1B, n)
 
 
 def _call_middle(name: str) -> bytes:

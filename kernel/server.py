@@ -130,18 +130,16 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         decoder = self.decoder
         try:
-            if self._early or self._held:
-                decoder.buffer_updated(nbytes)
-            else:  # the usual read, one request without tensors, in fewer steps: it starts here
-                lone = decoder.take_lone(nbytes)
-                if lone is not None:
-                    rid, name, args = lone
-                    if name is None:
-                        raise EPROTO("a request header needs a 'call' field")
-                    self._begin(rid, name, args, LONE_FRAME)
-                    return
             if self._early or self._held:  # a reply the worker sent is not finished here yet: later requests wait
+                decoder.buffer_updated(nbytes)
                 self._hold()
+                return
+            lone = decoder.take_lone(nbytes)
+            if lone is not None:  # the usual read, one request without tensors, in fewer steps: it starts here
+                rid, name, args = lone
+                if name is None:
+                    raise EPROTO("a request header needs a 'call' field")
+                self._begin(rid, name, args, LONE_FRAME)
                 return
             frame = decoder.next_frame()
             if frame is None:
