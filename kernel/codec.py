@@ -452,12 +452,13 @@ def encode_result(rid: int, result: Any, flags: int = 0, *, limits: Limits = DEF
     0 <= rid < 2**64, flags 0 or FLAG_MORE, and no tensors in `result` (see
     `tensors.encode_reply`). Raises EINVAL if `result` is not CBOR, E2BIG over the header limit.
     """
-    id_head = _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS)
+    head = (_RESULT_HEADS[rid] if rid < 256
+            else b"".join((_MAP3_ID, _cbor_head(0x00, rid, _UINT_HEADS), _RESULT_MIDDLE)))
     value = _EMPTY_MAP if not result and type(result) is dict else _value_cbor(result)
-    nbytes = _RESULT_FIXED_NBYTES + len(id_head) + len(value)
+    nbytes = len(head) + len(value)
     if nbytes > limits.max_header_nbytes:
         raise _header_too_big(nbytes, limits)
-    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, nbytes, 0), _MAP3_ID, id_head, _RESULT_MIDDLE, value))
+    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, flags, 0, nbytes, 0), head, value))
 
 
 def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -470,12 +471,12 @@ def encode_call(rid: int, name: str, args: dict[str, Any], *, limits: Limits = D
     middle = _CALL_MIDDLES.get(name)
     if middle is None:
         middle = _call_middle(name)
-    id_head = _UINT_HEADS[rid] if rid < 256 else _cbor_head(0x00, rid, _UINT_HEADS)
+    head = _ID_HEADS[rid] if rid < 256 else _MAP3_ID + _cbor_head(0x00, rid, _UINT_HEADS)
     value = _EMPTY_MAP if not args else _value_cbor(args)
-    nbytes = len(_MAP3_ID) + len(id_head) + len(middle) + len(value)
+    nbytes = len(head) + len(middle) + len(value)
     if nbytes > limits.max_header_nbytes:
         raise _header_too_big(nbytes, limits)
-    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, nbytes, 0), _MAP3_ID, id_head, middle, value))
+    return b"".join((_pack_prefix(MAGIC, PROTOCOL_VERSION, 0, 0, nbytes, 0), head, middle, value))
 
 
 def _call_middle(name: str) -> bytes:
@@ -490,6 +491,7 @@ def _call_middle(name: str) -> bytes:
                        name_utf8, _ARGS_KEY))
     if len(_CALL_MIDDLES) < _CALL_MIDDLES_MAX:
         _CALL_MIDDLES[name] = middle
+        _BARE_TAILS[middle + _EMPTY_MAP] = (name,)
     return middle
 
 
@@ -511,8 +513,13 @@ def _call_name(middle: bytes) -> str | None:
 # The middles of the requests seen so far, both ways: name -> middle (encode_call), middle -> name (Decoder).
 _CALL_MIDDLES: dict[str, bytes] = {}
 _CALL_NAMES: dict[bytes, str] = {}
+# What follows the id in a usual envelope whose value is the empty map, read in one look-up: a request
+# without arguments (its middle and {}) -> (its name,), a successful reply whose result is {} -> (None,).
+_BARE_TAILS: dict[bytes, tuple[str | None]] = {_RESULT_MIDDLE + _EMPTY_MAP: (None,)}
 _CALL_MIDDLES_MAX: Final = 512
-_RESULT_FIXED_NBYTES: Final = len(_MAP3_ID) + len(_RESULT_MIDDLE)
+# How a header with id 0..255 begins: a request's (up to its middle), a successful reply's (up to its result).
+_ID_HEADS: Final = tuple(_MAP3_ID + head for head in _UINT_HEADS)
+_RESULT_HEADS: Final = tuple(head + _RESULT_MIDDLE for head in _ID_HEADS)
 
 
 class _Rejected(Exception):
@@ -805,6 +812,9 @@ class Decoder:
             rid, pos = unpack_from(h, 5)[0], 5 + size
         else:
             return None
+        bare = _BARE_TAILS.get(h[pos:]) if not flags else None
+        if bare is not None:  # the commonest envelopes: a request without arguments, a reply of {}
+            return rid, bare[0], {}
         if h[pos] == 0x64:  # a 4-byte text: a request's "call"
             head = h[pos + 5] if pos + 6 < nbytes and not flags else 0
             if 0x60 <= head < 0x78:  # the name's length; "args" follows it

@@ -32,7 +32,7 @@ from .sessions import InvalidTransition
 if TYPE_CHECKING:
     from .core import Kernel
 
-__all__ = ["ASYNC_CALLS", "Call", "Peer", "dispatch", "dispatch_now"]
+__all__ = ["ASYNC_CALLS", "BARE_CALLS", "Call", "Peer", "dispatch", "dispatch_now"]
 
 log = logging.getLogger("djinn.dispatch")
 _now = time.perf_counter
@@ -49,6 +49,11 @@ ASYNC_CALLS: frozenset[str] = frozenset(
 _NO_ARGS: dict[str, dict[str, Any]] = {
     name: {a.name: a.default for a in row.args} for name, row in TABLE.items() if not any(a.required for a in row.args)
 }
+
+
+# Plain syscalls that take no arguments (nop, stat, models): one called with none, by an authenticated
+# peer while the kernel runs, has nothing to check or validate, and its handler is called at once.
+BARE_CALLS: frozenset[str] = frozenset(name for name, row in TABLE.items() if name not in ASYNC_CALLS and not row.args)
 
 
 class Peer(Protocol):
@@ -109,23 +114,26 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
     """
     t0 = _now()
     try:
-        # Look the syscall up, check the caller may make it, validate its arguments.
-        row = TABLE.get(name) if type(name) is str else None
-        if row is None:
-            raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
-        if not peer.authed and "preauth" not in row.flags:
-            _refuse_unauthed(peer, name)
-        defaults = _NO_ARGS.get(name) if not raw_args and (raw_args is None or type(raw_args) is dict) else None
-        if defaults is not None:
-            args = dict(defaults) if defaults else {}
+        if not raw_args and name in BARE_CALLS and peer.authed and not kernel.shutting_down:
+            result = TABLE[name].handler(kernel, _new_call(Call, (rid, name, peer)))  # the usual control call
         else:
-            args = validate(name, row.args, {} if raw_args is None else raw_args)
-        if kernel.shutting_down and name != "hello":
-            kernel.refuse_new_work(name)
-        call = _new_call(Call, (rid, name, peer))
-        if name in ASYNC_CALLS:
-            return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
-        result = row.handler(kernel, call, **args) if args else row.handler(kernel, call)
+            # Look the syscall up, check the caller may make it, validate its arguments.
+            row = TABLE.get(name) if type(name) is str else None
+            if row is None:
+                raise ENOSYS(f"no syscall named {name!r}; see docs/PROTOCOL.md for the list")
+            if not peer.authed and "preauth" not in row.flags:
+                _refuse_unauthed(peer, name)
+            defaults = _NO_ARGS.get(name) if not raw_args and (raw_args is None or type(raw_args) is dict) else None
+            if defaults is not None:
+                args = dict(defaults) if defaults else {}
+            else:
+                args = validate(name, row.args, {} if raw_args is None else raw_args)
+            if kernel.shutting_down and name != "hello":
+                kernel.refuse_new_work(name)
+            call = _new_call(Call, (rid, name, peer))
+            if name in ASYNC_CALLS:
+                return dispatch(kernel, peer, row, call, args, t0)  # it records the stats
+            result = row.handler(kernel, call, **args) if args else row.handler(kernel, call)
         peer.reply(rid, {} if result is None else result)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply; see _reply_failure
         _reply_failure(kernel, peer, rid, name, exc)

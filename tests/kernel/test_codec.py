@@ -924,14 +924,17 @@ def _by_hand(header_bytes: bytes, flags: int, limits: abi.Limits = abi.DEFAULT_L
     value=values,
     reply=st.booleans(),
     more=st.booleans(),
+    bare=st.booleans(),
 )
 def test_usual_envelopes_are_read_by_hand_as_the_general_path_reads_them(
-    rid: int, name: str, value: Any, reply: bool, more: bool
+    rid: int, name: str, value: Any, reply: bool, more: bool, bare: bool
 ) -> None:
+    """`bare`: no arguments, or a result of {} (read in one look-up of what follows the id)."""
     if reply:
+        value = {} if bare else value
         encoded, flags = encode_result(rid, value, FLAG_MORE if more else 0), FLAG_MORE if more else 0
     else:
-        args = {"v": value, "n": name}
+        args = {} if bare else {"v": value, "n": name}
         encoded, flags = encode_call(rid, name, args), 0
     header_bytes = encoded[PREFIX_NBYTES:]
     by_hand = _by_hand(header_bytes, flags)
@@ -948,16 +951,20 @@ def test_usual_envelopes_are_read_by_hand_as_the_general_path_reads_them(
     rid=st.integers(0, 2**64 - 1) | st.sampled_from(EDGE_IDS),
     value=values,
     reply=st.booleans(),
+    bare=st.booleans(),
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3),
     cut=st.integers(0, 8),
     flags=st.sampled_from([0, FLAG_MORE]),
 )
 def test_a_header_read_by_hand_is_one_the_general_path_accepts_as_is(
-    rid: int, value: Any, reply: bool, edits: list[tuple[int, int]], cut: int, flags: int
+    rid: int, value: Any, reply: bool, bare: bool, edits: list[tuple[int, int]], cut: int, flags: int
 ) -> None:
     """Corrupt a usual envelope (change bytes, drop the end): whatever the hand reader accepts, the
     general path accepts too and reads the same; what it declines is left to the general path."""
-    encoded = encode_result(rid, value) if reply else encode_call(rid, "forward", {"session": "s", "v": value})
+    if bare:
+        encoded = encode_result(rid, {}) if reply else encode_call(rid, "nop", {})
+    else:
+        encoded = encode_result(rid, value) if reply else encode_call(rid, "forward", {"session": "s", "v": value})
     header_bytes = bytearray(encoded[PREFIX_NBYTES:])
     for at, byte in edits:
         header_bytes[at % len(header_bytes)] = byte
@@ -981,6 +988,15 @@ def test_depth_limit_is_the_same_by_hand(limit: int, leaf: Any) -> None:
                 assert by_hand is None
             else:
                 assert by_hand == general
+
+
+def test_a_bare_request_with_more_is_left_to_the_general_path() -> None:
+    """A request may not carry MORE: the look-up of a bare request's tail is for frames without it."""
+    header_bytes = encode_call(5, "nop", {})[PREFIX_NBYTES:]
+    assert _by_hand(header_bytes, 0) == {"id": 5, "call": "nop", "args": {}}
+    assert _by_hand(header_bytes, FLAG_MORE) is None
+    assert isinstance(_general(header_bytes, FLAG_MORE), ProtocolError)
+    assert _by_hand(encode_result(5, {}, FLAG_MORE)[PREFIX_NBYTES:], FLAG_MORE) == {"id": 5, "ok": True, "result": {}}
 
 
 @pytest.mark.parametrize(

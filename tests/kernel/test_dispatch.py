@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from djinn.kernel import dispatch as dispatch_mod
-from djinn.kernel.errors import EBUSY, KernelError
+from djinn.kernel.errors import EBUSY, ESHUTDOWN, KernelError
 from djinn.kernel.sessions import InvalidTransition
 from djinn.kernel.stats import SyscallStats
 from djinn.syscalls.table import TABLE
@@ -56,6 +56,9 @@ class FakeKernel:
     def quarantine(self, exc: Exception) -> None:
         self.quarantined.append(exc)
 
+    def refuse_new_work(self, name: str) -> None:
+        raise ESHUTDOWN(f"{name}: shutting down")
+
 
 FAILURES = [
     (EBUSY("busy now"), "EBUSY", False),
@@ -77,6 +80,7 @@ def test_every_failure_is_a_reply(monkeypatch, caplog, exc, errno, quarantined, 
     name = "nop" if inline else "models"
     monkeypatch.setitem(TABLE, name, dataclasses.replace(TABLE[name], handler=plain if inline else in_task))
     monkeypatch.setattr(dispatch_mod, "ASYNC_CALLS", frozenset() if inline else frozenset({name}))
+    monkeypatch.setattr(dispatch_mod, "BARE_CALLS", frozenset({name}) if inline else frozenset())
     kernel, peer = FakeKernel(), FakePeer()
     with caplog.at_level(logging.ERROR, logger="djinn.dispatch"):
         work = dispatch_mod.dispatch_now(kernel, peer, 7, name, {})
@@ -101,6 +105,7 @@ async def test_a_cancelled_request_is_marked_for_the_peer_then_answered_ecancele
 
     monkeypatch.setitem(TABLE, "models", dataclasses.replace(TABLE["models"], handler=forever))
     monkeypatch.setattr(dispatch_mod, "ASYNC_CALLS", frozenset({"models"}))
+    monkeypatch.setattr(dispatch_mod, "BARE_CALLS", dispatch_mod.BARE_CALLS - {"models"})
     kernel, peer = FakeKernel(), FakePeer()
     task = asyncio.ensure_future(dispatch_mod.dispatch_now(kernel, peer, 4, "models", {}))
     await started.wait()
@@ -109,3 +114,53 @@ async def test_a_cancelled_request_is_marked_for_the_peer_then_answered_ecancele
         await task
     assert peer.cancelled_ids == [4]  # before the ECANCELED, so a device call still running cannot answer too
     assert [(rid, err.errno) for rid, err in peer.errors] == [(4, "ECANCELED")] and peer.replies == []
+
+
+# -- the bare lane: a plain syscall without arguments skips the look-up and validation, nothing else --
+
+
+def test_bare_calls_are_the_plain_syscalls_without_arguments() -> None:
+    expected = {name for name, row in TABLE.items() if name not in dispatch_mod.ASYNC_CALLS and not row.args}
+    assert dispatch_mod.BARE_CALLS == expected and {"nop", "stat", "models"} <= expected
+
+
+@pytest.mark.parametrize("name", sorted(dispatch_mod.BARE_CALLS))
+@pytest.mark.parametrize("raw_args", [{}, None])
+def test_a_bare_call_is_answered_and_counted(name: str, raw_args: Any) -> None:
+    seen: list[Any] = []
+
+    def handler(k: Any, call: Any) -> dict[str, Any]:
+        seen.append(call)
+        return {"answered": call.name}
+
+    kernel, peer = FakeKernel(), FakePeer()
+    original = TABLE[name]
+    TABLE[name] = dataclasses.replace(original, handler=handler)
+    try:
+        assert dispatch_mod.dispatch_now(kernel, peer, 9, name, raw_args) is None
+    finally:
+        TABLE[name] = original
+    assert peer.replies == [(9, {"answered": name})] and peer.errors == []
+    assert [(c.id, c.name, c.peer) for c in seen] == [(9, name, peer)]
+    assert kernel.stats.snapshot()[name]["count"] == 1
+
+
+@pytest.mark.parametrize(("authed", "uid", "shutting_down", "errno"), [
+    (False, 0, False, "EPROTO"),  # hello comes first
+    (False, None, False, "EACCES"),  # over TCP without the token
+    (True, 0, True, "ESHUTDOWN"),
+])
+def test_a_bare_call_is_refused_as_any_other(authed: bool, uid: int | None, shutting_down: bool, errno: str) -> None:
+    kernel, peer = FakeKernel(), FakePeer()
+    kernel.shutting_down = shutting_down
+    peer.authed, peer.uid = authed, uid
+    assert dispatch_mod.dispatch_now(kernel, peer, 3, "nop", {}) is None
+    assert peer.replies == [] and [(rid, err.errno) for rid, err in peer.errors] == [(3, errno)]
+    assert kernel.stats.snapshot()["nop"]["errors"] == 1
+
+
+def test_arguments_to_a_bare_call_are_validated() -> None:
+    kernel, peer = FakeKernel(), FakePeer()
+    assert dispatch_mod.dispatch_now(kernel, peer, 5, "nop", {"surprise": 1}) is None
+    assert peer.replies == [] and [(rid, err.errno) for rid, err in peer.errors] == [(5, "EINVAL")]
+    assert "surprise" in peer.errors[0][1].message
