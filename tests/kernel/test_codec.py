@@ -828,6 +828,16 @@ def test_encode_call_is_byte_for_byte_encode_frame(rid: int, name: str, args: di
     assert encode_call(rid, name, args) == encode_frame({"id": rid, "call": name, "args": args})[0]
 
 
+def test_the_kept_prefixes_end_where_packing_takes_over() -> None:
+    """Short headers take their prefix from a table (codec._PLAIN_PREFIXES), longer ones pack it: the same bytes."""
+    for size in range(codec._PLAIN_PREFIXES_MAX - 40, codec._PLAIN_PREFIXES_MAX + 10):
+        for flags in (0, FLAG_MORE):
+            result = "x" * size
+            assert encode_result(9, result, flags) == encode_frame({"id": 9, "ok": True, "result": result}, flags=flags)[0]
+        args = {"a": "y" * size}
+        assert encode_call(300, "nop", args) == encode_frame({"id": 300, "call": "nop", "args": args})[0]
+
+
 def test_encode_call_and_result_limits_and_errors() -> None:
     with pytest.raises(E2BIG, match="4096-byte limit"):
         encode_result(1, "x" * 5000, limits=SMALL)
