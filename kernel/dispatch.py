@@ -114,7 +114,7 @@ def dispatch_now(kernel: Kernel, peer: Peer, rid: int, name: Any, raw_args: Any)
     """
     t0 = _now()
     try:
-        if not raw_args and name in BARE_CALLS and peer.authed and not kernel.shutting_down:
+        if type(name) is str and not raw_args and name in BARE_CALLS and peer.authed and not kernel.shutting_down:
             result = TABLE[name].handler(kernel, _new_call(Call, (rid, name, peer)))  # the usual control call
         else:
             # Look the syscall up, check the caller may make it, validate its arguments.

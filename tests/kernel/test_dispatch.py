@@ -159,6 +159,13 @@ def test_a_bare_call_is_refused_as_any_other(authed: bool, uid: int | None, shut
     assert kernel.stats.snapshot()["nop"]["errors"] == 1
 
 
+@pytest.mark.parametrize("name", [["nop"], {"nop": 1}, 7, None])
+def test_a_name_that_is_not_text_is_enosys(name: Any) -> None:
+    kernel, peer = FakeKernel(), FakePeer()
+    assert dispatch_mod.dispatch_now(kernel, peer, 6, name, {}) is None
+    assert peer.replies == [] and [(rid, err.errno) for rid, err in peer.errors] == [(6, "ENOSYS")]
+
+
 def test_arguments_to_a_bare_call_are_validated() -> None:
     kernel, peer = FakeKernel(), FakePeer()
     assert dispatch_mod.dispatch_now(kernel, peer, 5, "nop", {"surprise": 1}) is None
