@@ -539,6 +539,29 @@ def test_stale_socket_is_replaced_and_live_one_is_not(tmp_path):
     assert not os.path.exists(path), "the socket is removed on shutdown"
 
 
+def test_a_socket_directory_that_others_control_is_refused(tmp_path):
+    from djinn.kernel.server import bind_unix_socket
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # anyone may write here, and no sticky bit: anyone may replace the socket
+    with pytest.raises(PermissionError, match="writable by anyone"):
+        bind_unix_socket(str(open_dir / "d.sock"))
+    assert not (open_dir / "d.sock").exists()
+    open_dir.chmod(0o1777)  # as /tmp: only the owner of a file may remove it
+    bind_unix_socket(str(open_dir / "d.sock")).close()
+    if os.geteuid() == 0:  # only root can give a directory to another user
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 12345, 12345)
+        with pytest.raises(PermissionError, match="belongs to uid 12345"):
+            bind_unix_socket(str(theirs / "d.sock"))
+        link = tmp_path / "link"
+        link.symlink_to(theirs)
+        with pytest.raises(PermissionError, match="belongs to uid 12345"):
+            bind_unix_socket(str(link / "d.sock"))
+
+
 def test_tcp_requires_the_token():
     port = _free_port()
     d = LiveDaemon(daemon_config(model="none", tcp=f"127.0.0.1:{port}", tcp_token="sesame")).start()
