@@ -258,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="djinnd",
         description="Djinn tensor operating system daemon.",
         epilog="Precedence: defaults < TOML file < DJINN_* environment < flags. "
-        "TOML keys are the setting names above with '_' (e.g. idle_timeout_s = 2.0).",
+        "TOML keys are the setting names above with '_' (e.g. idle_timeout_s = 2.0), at the top level "
+        "of the file or in a [djinnd] table.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="PATH", help="TOML config file ($DJINN_CONFIG)")
+    p.add_argument("--config", metavar="PATH",
+                   help="TOML config file [env DJINN_CONFIG; default the first that exists of "
+                        "$XDG_CONFIG_HOME/djinn/djinnd.toml (~/.config/djinn/djinnd.toml) and /etc/djinn/djinnd.toml]")
     for s in SETTINGS:
         flag = "--" + s.name.replace("_", "-")
         default = s.shown_default or ("auto" if s.default is None else s.default)

@@ -270,7 +270,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def protocol_error(self, err: KernelError) -> None:
         log.info("connection %d: protocol error: %s", self.id, err.message)
-        self.reply_error(0, err if err.errno == "EPROTO" else EPROTO(err.message))
+        self.reply_error(0, err if err.errno == "EPROTO" else EPROTO(err.message, details=err.details))
         self.close()
 
     # -- replies -------------------------------------------------------------------

@@ -192,6 +192,22 @@ def test_any_split_of_frames_back_to_back(msgs: list[Any], data: st.DataObject, 
         check_frame(f, *m)
 
 
+@FUZZ
+@given(st.lists(frames(), min_size=1, max_size=2), st.sampled_from(STAGINGS))
+def test_any_frames_one_byte_at_a_time(msgs: list[Any], staging: int) -> None:
+    stream = b"".join(frame_bytes(*m) for m in msgs)
+    dec = Decoder(staging_nbytes=staging)
+    got: list[Frame] = []
+    for i in range(len(stream)):
+        dec.feed(stream[i : i + 1])
+        while (f := dec.next_frame()) is not None:
+            got.append(f)
+    dec.feed_eof()
+    assert len(got) == len(msgs)
+    for f, m in zip(got, msgs):
+        check_frame(f, *m)
+
+
 @pytest.mark.parametrize("staging", STAGINGS)
 def test_one_byte_at_a_time(staging: int) -> None:
     msgs = [
@@ -998,6 +1014,28 @@ def test_depth_limit_is_the_same_by_hand(limit: int, leaf: Any) -> None:
                 assert by_hand is None
             else:
                 assert by_hand == general
+
+
+@pytest.mark.parametrize("reply", [False, True])
+def test_the_depth_rule_is_the_one_protocol_md_states(reply: bool) -> None:
+    """No item inside more than max_cbor_depth containers, the header map included; an empty container
+    holds no item, so it may be the item at the deepest level. Both readers (by hand and general)."""
+    limit = abi.DEFAULT_LIMITS.max_cbor_depth
+
+    def frame(value: Any) -> bytes:  # the value sits inside 2 containers: the header map and args
+        if reply:
+            return encode_frame({"id": 1, "ok": True, "result": {"v": value}})[0]
+        return encode_frame({"id": 1, "call": "echo", "args": {"v": value}})[0]
+
+    def nested(levels: int, leaf: Any) -> Any:  # `leaf` inside `levels` lists
+        for _ in range(levels):
+            leaf = [leaf]
+        return leaf
+
+    decode_all(frame(nested(limit - 2, 1)))  # the 1 sits inside `limit` containers
+    rejects(frame(nested(limit - 1, 1)))  # inside limit + 1
+    decode_all(frame(nested(limit - 2, [])))  # the empty list sits inside `limit`: it holds nothing deeper
+    rejects(frame(nested(limit - 1, [])))
 
 
 def test_a_bare_request_with_more_is_left_to_the_general_path() -> None:

@@ -43,6 +43,23 @@ def test_unknown_toml_key_is_an_error(tmp_path):
         load_config(["--config", str(toml)], env={})
 
 
+def test_settings_may_sit_in_a_djinnd_table(tmp_path):
+    toml = tmp_path / "d.toml"
+    toml.write_text('[djinnd]\npolicy = "reactive"\ngrace_s = 7\n')
+    config = load_config(["--config", str(toml)], env={})
+    assert config.policy == "reactive" and config.grace_s == 7
+
+
+def test_the_config_file_is_found_where_help_says(tmp_path, monkeypatch):
+    (tmp_path / "djinn").mkdir()
+    (tmp_path / "djinn" / "djinnd.toml").write_text("grace_s = 3\n")
+    assert load_config([], env={"XDG_CONFIG_HOME": str(tmp_path)}).grace_s == 3
+    other = tmp_path / "other.toml"
+    other.write_text("grace_s = 4\n")
+    assert load_config([], env={"XDG_CONFIG_HOME": str(tmp_path), "DJINN_CONFIG": str(other)}).grace_s == 4
+    assert "/etc/djinn/djinnd.toml" in " ".join(build_parser().format_help().split())
+
+
 def test_tcp_needs_token(tmp_path):
     with pytest.raises(ValueError, match="tcp_token"):
         load_config(["--tcp", "127.0.0.1:7000"], env={"XDG_CONFIG_HOME": str(tmp_path)})

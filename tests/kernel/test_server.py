@@ -99,7 +99,13 @@ def test_malformed_frames_get_eproto_and_close(djinnd, case):
     s.sendall(BAD_FRAMES[case])
     reply = _read_reply(s)
     assert reply is not None and reply["ok"] is False, case
-    assert reply["id"] == 0 and reply["error"]["errno"] in ("EPROTO", "E2BIG"), reply
+    assert reply["id"] == 0 and reply["error"]["errno"] == "EPROTO", reply
+    if case.endswith("over the limit"):  # which limit, and by how much, as PROTOCOL.md says
+        limit = "max_header_nbytes" if case.startswith("header") else "max_payload_nbytes"
+        max_ = getattr(abi.DEFAULT_LIMITS, limit)
+        assert reply["error"]["details"] == {"limit": limit, "value": max_ + 1, "max": max_}
+    if case == "bad version":
+        assert reply["error"]["details"] == {"peer_version": 99, "version": abi.PROTOCOL_VERSION}
     assert _closed(s)
     s.close()
     _still_serving(djinnd)
@@ -125,10 +131,12 @@ def test_frame_split_one_byte_at_a_time(djinnd):
 
 
 def test_request_before_hello_is_eproto(djinnd):
+    """An error reply to that request, not a protocol error: the connection stays open for hello."""
     s = _raw(djinnd.path)
     s.sendall(b"".join(encode_message({"id": 3, "call": "nop", "args": {}})))
     reply = _read_reply(s)
-    assert reply["error"]["errno"] == "EPROTO" and "hello" in reply["error"]["message"]
+    assert reply["id"] == 3 and reply["error"]["errno"] == "EPROTO" and "hello" in reply["error"]["message"]
+    _hello(s)
 
 
 def test_pipelined_request_before_hello_is_refused_even_if_hello_follows(djinnd):
@@ -185,6 +193,24 @@ def test_unknown_syscall_and_bad_arguments(kernel):
     with pytest.raises(djinn.errors.ENOENT):
         kernel.syscall("close_session", session="s-does-not-exist")
     assert kernel.syscall("nop") == {}
+
+
+def test_simple_values_are_answered_einval(djinnd):
+    """`undefined` and the other simple values may not be sent (PROTOCOL.md): read, then refused with EINVAL."""
+    s = _raw(djinnd.path)
+    _hello(s)
+    for rid, call, args in [
+        (2, "echo", {"data": cbor2.undefined}),
+        (3, "echo", {"data": {"x": [cbor2.CBORSimpleValue(99)]}}),
+        (4, "open_session", {"model": cbor2.undefined}),
+    ]:
+        header = cbor2.dumps({"id": rid, "call": call, "args": args})
+        s.sendall(_prefix(hlen=len(header)) + header)
+        reply = _read_reply(s)
+        assert reply["id"] == rid and reply["error"]["errno"] == "EINVAL", reply
+    assert "'model'" in reply["error"]["message"]
+    s.sendall(b"".join(encode_message({"id": 5, "call": "nop", "args": {}})))
+    assert _read_reply(s) == {"id": 5, "ok": True, "result": {}}
 
 
 def test_args_not_a_map(djinnd):
@@ -429,6 +455,22 @@ def test_sessions_reclaimed_after_disconnect(djinnd):
                 return
         time.sleep(0.02)
     pytest.fail("session was not reclaimed after its client went away (grace_s=0)")
+
+
+def test_sessions_are_reclaimed_when_the_grace_period_ends():
+    d = LiveDaemon(daemon_config(model="none", grace_s=1.0)).start()
+    try:
+        with djinn.connect(d.path) as k:
+            sid = k.syscall("open_session", bare=True)["session"]
+        gone_at = time.monotonic() + 1.0
+        with djinn.connect(d.path) as k:
+            assert sid in {s["id"] for s in k.stat()["sessions"]}  # within the grace period
+            while sid in {s["id"] for s in k.stat()["sessions"]}:
+                assert time.monotonic() < gone_at + 10, "the session outlived its grace period"
+                time.sleep(0.05)
+        assert time.monotonic() >= gone_at - 0.1, "the session was reclaimed before its grace period ended"
+    finally:
+        d.stop()
 
 
 def test_grace_period_keeps_sessions():
