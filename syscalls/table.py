@@ -36,32 +36,56 @@ def _row(name: str, handler: Callable[..., Any], args: tuple[Arg, ...], flags: s
     return Syscall(name, handler, args, frozenset(flags.split()), doc, _REPLIES[name])
 
 
-# What each syscall answers (CBOR map fields; `?` marks fields present only when asked for).
+# What each syscall answers: the fields of its `result` map, each `name: type`. `?` marks a field present
+# only when asked for. Tensors travel as tensors (see Tensors), described as dtype [shape].
 _REPLIES: dict[str, str] = {
-    "hello": '{protocol, server, uid, pid, device, model, limits{max_header_nbytes, max_payload_nbytes, max_tensors, max_cbor_depth, max_inflight}}',
-    "nop": '{} (empty map)',
-    "echo": '{data}: the argument, tensors returned as tensors',
-    "stat": 'the stat snapshot (see "The stat snapshot" below)',
-    "open_session": '{session, model, max_tokens, arena_nbytes}',
-    "close_session": '{closed: session id}',
-    "alloc_arena": '{arena_nbytes, used_nbytes}',
-    "free_arena": '{freed: true}',
-    "page_out": '{residency: "host", nbytes, seconds}',
-    "page_in": '{residency: "device", nbytes, seconds}',
-    "load_model": '{name, spec, dtype, params, text_nbytes, sessions, layers, hidden_size, vocab_size, max_positions, kv_nbytes_per_token, tokenizer, batched_decode{steps, sequences, graphs, captures, replays}, prefill_graphs{plans, captures, replays}}',
-    "unload_model": '{unloaded: name}',
-    "models": '{models: [model maps as load_model returns], default}',
-    "forward": '{position, paused_at, logits?, topk?{ids, logits}, activation?}',
-    "resume": 'as forward',
-    "generate": 'streamed: one frame per token {token, position, text?}, then a final {done: true, frames}; not streamed: {tokens: [ids], position, text?}',
-    "set_steering": '{layer, op}',
-    "clear_steering": '{cleared: layer or "all"}',
-    "checkpoint": '{checkpoint: id, nbytes}',
-    "checkpoint_status": '{checkpoint, ready, nbytes, seconds, session}',
-    "restore": '{restored: id, position, paused_at}',
-    "fork": '{session, model, max_tokens, position}',
-    "free_checkpoint": '{freed: id}',
-    "signal_phase": '{phase, actions: ["PageOut:signal", ...], prefetch_in_ms}',
+    "hello": ('{protocol: int, the protocol version the server speaks; server: text, "djinnd X.Y.Z"; '
+              "uid: int, the caller's uid as the daemon sees it (over TCP: tcp_token_uid); pid: int, the daemon's "
+              "process id; device: text, e.g. \"cuda:0 (NVIDIA H100 80GB HBM3)\" or \"cpu\"; model: text or null, "
+              "the default model; limits: {max_header_nbytes, max_payload_nbytes, max_tensors, max_cbor_depth, "
+              "max_inflight: int each}, the limits in force}"),
+    "nop": "{} (an empty map)",
+    "echo": "{data: the argument as it was sent (null when it was left out), tensors returned as tensors}",
+    "stat": 'the stat snapshot, one map (see "The stat snapshot" below)',
+    "open_session": ("{session: text, the new session's id; model: text, or null for a bare session; "
+                     "max_tokens: int; arena_nbytes: int, the bytes of device memory its arena holds}"),
+    "close_session": "{closed: text, the session's id}",
+    "alloc_arena": "{arena_nbytes: int, the arena's size; used_nbytes: int, the bytes of it in use}",
+    "free_arena": "{freed: true}",
+    "page_out": ('{residency: "host"; nbytes: int, the bytes copied out (0 when nothing was resident); '
+                 "seconds: float, how long the copy took}"),
+    "page_in": '{residency: "device"; nbytes: int, the bytes copied in (0 when already resident); seconds: float}',
+    "load_model": ("{name: text; spec: text; dtype: text, e.g. \"bfloat16\"; params: int; text_nbytes: int, its "
+                   "weights' bytes in the text segment; sessions: int, sessions open on it; layers: int; "
+                   "hidden_size: int; vocab_size: int; max_positions: int; kv_nbytes_per_token: int; "
+                   "tokenizer: bool, whether input_ids may be text; batched_decode: {steps, sequences, graphs, "
+                   "captures, replays: int each}; prefill_graphs: {plans, captures, replays: int each} "
+                   '(see "The stat snapshot")}'),
+    "unload_model": "{unloaded: text, the model's name}",
+    "models": "{models: array of maps, one per loaded model as load_model returns it; default: text or null}",
+    "forward": ("{position: int, the tokens the session holds after the call; paused_at: int, the layer it "
+                "stopped after, or null when it ran to the end; logits?: float32 tensor, [vocab_size] for "
+                "return_logits \"last\", [n, vocab_size] for \"all\" (n: the tokens this call ran); topk?: "
+                "{ids: int64 tensor [k], logits: float32 tensor [k]}, for return_logits k, best first; "
+                "activation?: tensor in the model's dtype, [n, hidden_size] for return_activation \"all\", "
+                "[hidden_size] for \"last\"}. A call that pauses returns no logits"),
+    "resume": "as forward; n is the tokens of the forward that paused",
+    "generate": ("not streamed: {tokens: array of int, the new token ids; position: int; text?: text, their text "
+                 "where the model has a tokenizer}. Streamed (stream: true): one frame per new token, "
+                 "{token: int; position: int; text?: text, that token's text}, then a final frame "
+                 "{done: true; frames: int, the token frames sent}"),
+    "set_steering": "{layer: int; op: text}",
+    "clear_steering": '{cleared: int, the layer, or "all"}',
+    "checkpoint": "{checkpoint: text, the new checkpoint's id; nbytes: int, the bytes it holds}",
+    "checkpoint_status": ("{checkpoint: text; ready: bool, whether its copy to host memory has finished; "
+                          "nbytes: int; seconds: float, how long the copy took, or null until ready; session: text, "
+                          "the session it was taken of}"),
+    "restore": "{restored: text, the checkpoint's id; position: int; paused_at: int or null}",
+    "fork": "{session: text, the new session's id; model: text; max_tokens: int; position: int}",
+    "free_checkpoint": "{freed: text, the checkpoint's id}",
+    "signal_phase": ('{phase: text; actions: array of text, what the memory policy did at once, each '
+                     '"PageOut:<cause>" or "PageIn:<cause>"; prefetch_in_ms: float, when the policy will page '
+                     "the session back in ahead of its expected end, or null}"),
 }
 
 
