@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         for driver in drivers:
             fn = _run_headless if driver == "headless" else _run_pty
             socket = daemon.socket if daemon is not None else None
+            print(f"  top: {driver}, {seconds:.0f} s of refreshes after {args.warmup:.0f} s of warm-up ...",
+                  file=sys.stderr, flush=True)  # each driver's run is one wait: say how long
             m = fn(socket, args.sessions, seconds, args.warmup, args.interval, args.sort)
             frac = m["cpu_s"] / m["wall_s"]
             worst = max(worst, frac)
