@@ -10,7 +10,9 @@ else `$DJINN_CONFIG`, else the first of `$XDG_CONFIG_HOME/djinn/djinnd.toml`
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,8 +21,8 @@ from typing import Any, Callable, Mapping
 from djinn.drivers import units
 from djinn.drivers.errors import BadArgument
 
-__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "load_config", "build_parser", "check_cpus",
-           "parse_cpus", "parse_size"]
+__all__ = ["Config", "Setting", "SETTINGS", "default_socket_path", "shared_tmp_socket_path", "client_socket_path",
+           "check_socket_dir", "load_config", "build_parser", "check_cpus", "parse_cpus", "parse_size"]
 
 
 def default_socket_path(*, for_client: bool = False) -> str:
@@ -42,10 +44,39 @@ def default_socket_path(*, for_client: bool = False) -> str:
     if os.geteuid() == 0:
         return system
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    user = os.path.join(xdg, "djinn", "djinnd.sock") if xdg else f"/tmp/djinn-{os.geteuid()}/djinnd.sock"
+    user = os.path.join(xdg, "djinn", "djinnd.sock") if xdg else shared_tmp_socket_path()
     if for_client and not os.path.exists(user) and os.path.exists(system):
         return system
     return user
+
+
+def shared_tmp_socket_path() -> str:
+    """The per-user socket under /tmp, the default when XDG_RUNTIME_DIR is unset. /tmp is shared: another
+    user may have made its directory first, which `check_socket_dir` finds out."""
+    return f"/tmp/djinn-{os.geteuid()}/djinnd.sock"
+
+
+def client_socket_path(path: str | None = None) -> str:
+    """Where a client connects: `path`, else `default_socket_path(for_client=True)`. A socket in the shared
+    /tmp directory is used only once `check_socket_dir` finds that directory this user's (or root's)."""
+    target = path or default_socket_path(for_client=True)
+    if target == shared_tmp_socket_path() and os.path.isdir(os.path.dirname(target)):
+        check_socket_dir(os.path.dirname(target))
+    return target
+
+
+def check_socket_dir(parent: str) -> None:
+    """Raise PermissionError for a socket directory that someone else controls: one owned by another user
+    than this one or root (say a /tmp/djinn-<uid> that another user made first, or a link to their
+    directory), or one that anyone may write to without the sticky bit. Either would let that user put
+    their own socket in place of djinnd's, and a client would hand its sessions to whoever listens."""
+    st = os.stat(parent)  # through links: what counts is the directory the socket is in
+    if st.st_uid not in (os.geteuid(), 0):
+        raise PermissionError(errno.EPERM, f"{parent} belongs to uid {st.st_uid}, not to this user "
+                                           f"({os.geteuid()}) or root; refusing to use a socket in it")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise PermissionError(errno.EPERM, f"{parent} is writable by anyone (mode {oct(st.st_mode & 0o7777)}) "
+                                           "without the sticky bit; refusing to use a socket in it")
 
 
 def parse_size(value: str | int | float) -> int | float:

@@ -42,6 +42,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .codec import FLAG_MORE, LONE_FRAME, SEND_BUFFER_NBYTES, Decoder, Frame, Part, ProtocolError
+from .config import check_socket_dir
 from .dispatch import dispatch_now
 from .errors import EIO, EPROTO, KernelError
 from .tensors import PAYLOAD_POOL, EncodedReply, encode_message, encode_reply, unpack
@@ -422,10 +423,10 @@ def _socket_is_live(path: str) -> bool:
 
 def bind_unix_socket(path: str) -> socket.socket:
     """A listening Unix socket at `path`, mode 0660. Raises OSError(EADDRINUSE) if a live daemon holds it,
-    OSError(EPERM) if its directory is not safe to serve from (see _check_socket_dir)."""
+    PermissionError if another user controls its directory (config.check_socket_dir)."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, mode=0o750, exist_ok=True)
-    _check_socket_dir(parent)
+    check_socket_dir(parent)
     if os.path.lexists(path):
         if not stat_mod.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno_mod.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
@@ -443,20 +444,6 @@ def bind_unix_socket(path: str) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-def _check_socket_dir(parent: str) -> None:
-    """Refuse a socket directory that someone else controls: one owned by another user than this one
-    or root (say a /tmp/djinn-<uid> that another user made first, or a link to their directory), or
-    one that anyone may write to without the sticky bit. Either would let that user replace the
-    socket, and clients would hand their sessions to whoever listens there."""
-    st = os.stat(parent)  # through links: what counts is the directory the socket lands in
-    if st.st_uid not in (os.geteuid(), 0):
-        raise OSError(errno_mod.EPERM, f"{parent} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}) "
-                                       "or root; refusing to serve a socket from it")
-    if st.st_mode & stat_mod.S_IWOTH and not st.st_mode & stat_mod.S_ISVTX:
-        raise OSError(errno_mod.EPERM, f"{parent} is writable by anyone (mode {oct(st.st_mode & 0o7777)}) without "
-                                       "the sticky bit; refusing to serve a socket from it")
 
 
 def parse_tcp(spec: str) -> tuple[str, int]:

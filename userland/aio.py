@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 
 from djinn.kernel import abi
 from djinn.kernel.codec import Decoder, ProtocolError
-from djinn.kernel.config import default_socket_path
+from djinn.kernel.config import client_socket_path
 from djinn.kernel.errors import from_wire
 from djinn.kernel.tensors import PAYLOAD_POOL, encode_request, unpack
 
@@ -221,7 +221,7 @@ async def connect(path: str | None = None, *, tcp: str | None = None, token: str
         host, _, port = tcp.rpartition(":")
         transport, proto = await loop.create_connection(_Protocol, host or "127.0.0.1", int(port))
     else:
-        target = path or default_socket_path(for_client=True)
+        target = client_socket_path(path)
         try:
             transport, proto = await loop.create_unix_connection(_Protocol, target)
         except (FileNotFoundError, ConnectionRefusedError) as e:

@@ -32,7 +32,7 @@ from typing import Any, Iterator, NoReturn
 
 from djinn.kernel import abi
 from djinn.kernel.codec import FLAG_MORE, LONE_FRAME, SEND_BUFFER_NBYTES, Decoder, envelope_frame, send_frame
-from djinn.kernel.config import default_socket_path
+from djinn.kernel.config import client_socket_path
 from djinn.kernel.errors import from_wire
 from djinn.kernel.tensors import PAYLOAD_POOL, encode_request, unpack
 
@@ -64,7 +64,7 @@ def _open_socket(path: str | None, tcp: str | None) -> socket.socket:
         sock = socket.create_connection((host or "127.0.0.1", int(port)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    target = path or default_socket_path(for_client=True)
+    target = client_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_NBYTES)
     try:

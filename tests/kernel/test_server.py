@@ -6,6 +6,7 @@ closed connection), and the daemon keeps serving another client afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import djinn
+import djinn.aio
 from djinn.kernel import abi
 from djinn.kernel.codec import PREFIX, Decoder, encode_frame
 from djinn.kernel.tensors import EncodedReply, encode_message, encode_reply, unpack
@@ -367,10 +369,6 @@ def test_busy_poll_setting_from_the_environment(djinnd, monkeypatch):
 
 
 async def test_aio_client(djinnd):
-    import asyncio
-
-    import djinn.aio
-
     k = await djinn.aio.connect(djinnd.path)
     try:
         results = await asyncio.gather(*(k.syscall("echo", data=i) for i in range(50)))
@@ -508,7 +506,6 @@ print(len(lat["stat"]), len(lat["hello"]), max(lat["stat"] + lat["hello"]), t_st
 def _probe_control(path: str, busy: Any = None) -> tuple[int, int, float]:
     """stat and hello, in turn, from a client process for 0.8 s, optionally while `busy()` runs on the worker:
     (stat calls, hello calls, the slowest call's seconds)."""
-    import asyncio
     import subprocess
     import sys
 
@@ -589,6 +586,8 @@ def test_stale_socket_is_replaced_and_live_one_is_not(tmp_path):
 
 
 def test_a_socket_directory_that_others_control_is_refused(tmp_path):
+    """By the daemon, before it binds (and by a client, before it connects to the default in /tmp:
+    test_a_client_refuses_a_shared_tmp_directory_of_another_user)."""
     from djinn.kernel.server import bind_unix_socket
 
     open_dir = tmp_path / "open"
@@ -609,6 +608,31 @@ def test_a_socket_directory_that_others_control_is_refused(tmp_path):
         link.symlink_to(theirs)
         with pytest.raises(PermissionError, match="belongs to uid 12345"):
             bind_unix_socket(str(link / "d.sock"))
+
+
+def test_a_client_refuses_a_shared_tmp_directory_of_another_user(tmp_path, monkeypatch):
+    from djinn.kernel import config
+
+    theirs = tmp_path / "djinn-me"
+    theirs.mkdir()
+    monkeypatch.delenv("DJINN_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(config, "shared_tmp_socket_path", lambda: str(theirs / "djinnd.sock"))
+    real_uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)  # this user, for whom the default is in /tmp
+    if real_uid == 0:
+        os.chown(theirs, 12345, 12345)  # and another user made the directory first
+    with pytest.raises(PermissionError, match="belongs to uid"):
+        djinn.connect()
+    with pytest.raises(PermissionError, match="belongs to uid"):
+        asyncio.run(djinn.aio.connect())
+    theirs.chmod(0o777)  # a directory of this user (or root) that anyone may write to is refused too
+    if real_uid == 0:
+        os.chown(theirs, 0, 0)
+    else:
+        monkeypatch.setattr(os, "geteuid", lambda: real_uid)
+    with pytest.raises(PermissionError, match="writable by anyone"):
+        djinn.connect()
 
 
 def test_tcp_requires_the_token():
