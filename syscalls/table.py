@@ -52,7 +52,7 @@ _REPLIES: dict[str, str] = {
     "close_session": "{closed: text, the session's id}",
     "alloc_arena": "{arena_nbytes: int, the arena's size; used_nbytes: int, the bytes of it in use}",
     "free_arena": "{freed: true}",
-    "page_out": ('{residency: "host"; nbytes: int, the bytes copied out (0 when nothing was resident); '
+    "page_out": ('{residency: "host"; nbytes: int, the bytes copied out (0 when it was on the host already); '
                  "seconds: float, how long the copy took}"),
     "page_in": '{residency: "device"; nbytes: int, the bytes copied in (0 when already resident); seconds: float}',
     "load_model": ("{name: text; spec: text; dtype: text, e.g. \"bfloat16\"; params: int; text_nbytes: int, its "
