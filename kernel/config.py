@@ -53,7 +53,7 @@ def default_socket_path(*, for_client: bool = False) -> str:
 def shared_tmp_socket_path() -> str:
     """The per-user socket under /tmp, the default when XDG_RUNTIME_DIR is unset. /tmp is shared: another
     user may have made its directory first, which `check_socket_dir` finds out."""
-    return f"/tmp/djinn-{os.geteuid()}/djinnd.sock"
+    return os.path.join("/tmp", f"djinn-{os.geteuid()}", "djinnd.sock")  # built as the XDG one is
 
 
 def client_socket_path(path: str | None = None) -> str:
@@ -67,9 +67,9 @@ def client_socket_path(path: str | None = None) -> str:
 
 def check_socket_dir(parent: str) -> None:
     """Raise PermissionError for a socket directory that someone else controls: one owned by another user
-    than this one or root (say a /tmp/djinn-<uid> that another user made first, or a link to their
-    directory), or one that anyone may write to without the sticky bit. Either would let that user put
-    their own socket in place of djinnd's, and a client would hand its sessions to whoever listens."""
+    than this one or root (say the per-user directory under /tmp, made first by another user, or a link
+    to their directory), or one that anyone may write to without the sticky bit. Either would let that
+    user put their own socket in place of djinnd's, and a client would hand its sessions to whoever listens."""
     st = os.stat(parent)  # through links: what counts is the directory the socket is in
     if st.st_uid not in (os.geteuid(), 0):
         raise PermissionError(errno.EPERM, f"{parent} belongs to uid {st.st_uid}, not to this user "
